@@ -1,0 +1,106 @@
+"""The ``vblora-store`` command line: parse, call, render.
+
+Exit codes:
+    0  done
+    1  a check failed (``report --max-bytes/--min-compression``)
+    2  bad input or usage: the message on stderr names the file, the problem and the fix
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from typing import Optional
+
+import click
+
+from .accounting import account
+from .errors import VBLoRAStoreError
+from .format import StorageForm, convert, read_adapters
+from .inspection import describe, render_json, render_text
+from .report import ReportFormat, build_report
+
+EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+
+class _Group(click.Group):
+    """Turns library errors into one clean line and exit code 2 (a traceback only with --debug)."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except VBLoRAStoreError as e:
+            if ctx.obj and ctx.obj.get("debug"):
+                traceback.print_exc()
+            click.echo(f"error: {e}", err=True)
+            sys.exit(EXIT_BAD_INPUT)
+        except (click.exceptions.Exit, click.ClickException, click.Abort, SystemExit, KeyboardInterrupt):
+            raise
+        except Exception as e:  # a bug, or input no check caught: never a bare traceback
+            if ctx.obj and ctx.obj.get("debug"):
+                traceback.print_exc()
+            click.echo(
+                f"error: unexpected {type(e).__name__}: {e}; rerun with --debug and report it.",
+                err=True,
+            )
+            sys.exit(EXIT_BAD_INPUT)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
+@click.version_option(package_name="vblora_store")
+@click.pass_context
+def main(ctx: click.Context, debug: bool) -> None:
+    """Store, convert and report VB-LoRA adapters saved by PEFT; no base model needed."""
+    ctx.obj = {"debug": debug}
+
+
+@main.command("inspect")
+@click.argument("path", type=click.Path(path_type=str))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+def inspect_cmd(path: str, as_json: bool) -> None:
+    """Show the form, config, adapted modules and tensors of the adapters in PATH."""
+    descriptions = [describe(a) for a in read_adapters(path)]
+    click.echo(render_json(descriptions) if as_json else render_text(descriptions))
+
+
+@main.command("convert")
+@click.argument("src", type=click.Path(path_type=str))
+@click.argument("dst", type=click.Path(path_type=str))
+@click.option(
+    "--to",
+    "to",
+    type=click.Choice([f.value for f in StorageForm]),
+    default=StorageForm.TOPK.value,
+    show_default=True,
+    help="Target storage form.",
+)
+@click.option("--force", is_flag=True, help="Replace DST if it exists.")
+def convert_cmd(src: str, dst: str, to: str, force: bool) -> None:
+    """Convert the adapters in SRC into DST (same layout), then print DST's report."""
+    convert(src, dst, to=to, force=force)
+    report = build_report([account(a) for a in read_adapters(dst)])
+    click.echo(report.render(ReportFormat.TEXT))
+
+
+@main.command("report")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=str))
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice([f.value for f in ReportFormat]),
+    default=ReportFormat.TEXT.value,
+    show_default=True,
+)
+@click.option("--max-bytes", type=click.IntRange(min=0), help="Exit 1 if a weights file is larger.")
+@click.option(
+    "--min-compression",
+    type=click.FloatRange(min=0),
+    help="Exit 1 if an adapter stores less than X times fewer parameters than a rank-r LoRA.",
+)
+def report_cmd(paths: tuple[str, ...], fmt: str, max_bytes: Optional[int], min_compression: Optional[float]) -> None:
+    """Report sizes and float32-equivalent parameter counts of the adapters in PATHS."""
+    accounts = [account(a) for path in paths for a in read_adapters(path)]
+    report = build_report(accounts, max_bytes=max_bytes, min_compression=min_compression)
+    click.echo(report.render(ReportFormat(fmt)))
+    sys.exit(report.exit_code)

@@ -1,0 +1,53 @@
+"""Typed errors of vblora_store.
+
+Every error raised on bad input derives from :class:`VBLoRAStoreError`, and also
+from the built-in exception a caller would expect (``FileNotFoundError``,
+``ValueError``, ...), so ``except ValueError`` keeps working.  Messages name the
+file or key, say what is wrong, and say what to do next.  The command line maps
+every ``VBLoRAStoreError`` to exit code 2 and prints its message alone.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "VBLoRAStoreError",
+    "AdapterNotFoundError",
+    "InvalidAdapterError",
+    "InvalidConfigError",
+    "UnsupportedConversionError",
+    "DestinationExistsError",
+    "TargetingError",
+    "AdapterStateError",
+]
+
+
+class VBLoRAStoreError(Exception):
+    """Base class of every error vblora_store raises on bad input or misuse."""
+
+
+class AdapterNotFoundError(VBLoRAStoreError, FileNotFoundError):
+    """A path holds no adapter, or a file the adapter needs is missing."""
+
+
+class InvalidAdapterError(VBLoRAStoreError, ValueError):
+    """Adapter files exist but their tensors are damaged or inconsistent."""
+
+
+class InvalidConfigError(VBLoRAStoreError, ValueError):
+    """An ``adapter_config.json`` or a ``VBLoRAConfig`` is unusable."""
+
+
+class UnsupportedConversionError(VBLoRAStoreError, ValueError):
+    """A conversion that cannot be done, such as top-k back to full logits."""
+
+
+class DestinationExistsError(VBLoRAStoreError, FileExistsError):
+    """The destination exists and overwriting it was not asked for."""
+
+
+class TargetingError(VBLoRAStoreError, ValueError):
+    """A model's modules do not fit the adapter (no match, bad shapes)."""
+
+
+class AdapterStateError(VBLoRAStoreError, RuntimeError):
+    """An operation that the adapter's current state does not allow."""

@@ -1,0 +1,196 @@
+"""Compression reports: accounts of adapters, checked against thresholds, rendered.
+
+A :class:`Report` owns its rows and its checks, and so its exit code: 0 when
+every check passed, 1 when one failed.  Rendering is pure (text, JSON,
+Markdown in, strings out); the command line only prints.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Optional
+
+from .accounting import AdapterAccount
+
+__all__ = ["ReportFormat", "Check", "Report", "build_report", "REPORT_FIELDS"]
+
+# The per-adapter keys of the JSON report, in order (docs/report-schema.md).
+REPORT_FIELDS = (
+    "path",
+    "adapter_name",
+    "form",
+    "r",
+    "num_vectors",
+    "vector_length",
+    "topk",
+    "num_modules",
+    "slots",
+    "file_bytes",
+    "vblora_params",
+    "other_params",
+    "full_vblora_params",
+    "topk_vblora_params",
+    "lora_params",
+    "compression_vs_full",
+    "compression_vs_lora",
+)
+
+
+class ReportFormat(str, Enum):
+    """How a report is rendered.
+
+    Members:
+        TEXT: aligned lines for a terminal.
+        JSON: one object ``{"adapters": [...], "checks": [...], "passed": bool}``.
+        MARKDOWN: tables for a CI job summary or a model card.
+    """
+
+    TEXT = "text"
+    JSON = "json"
+    MARKDOWN = "markdown"
+
+
+@dataclass(frozen=True)
+class Check:
+    """One threshold applied to one adapter."""
+
+    adapter: str  # "<path> [<adapter_name>]"
+    name: str  # "max_bytes" or "min_compression"
+    limit: float
+    value: float
+
+    @property
+    def passed(self) -> bool:
+        return self.value <= self.limit if self.name == "max_bytes" else self.value >= self.limit
+
+
+@dataclass
+class Report:
+    """Accounts plus checks; ``exit_code`` is 1 when any check failed."""
+
+    accounts: list[AdapterAccount]
+    checks: list[Check] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.checks)
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.passed else 1
+
+    def rows(self) -> list[dict]:
+        """One JSON-ready dictionary per adapter, keys as :data:`REPORT_FIELDS` plus the breakdown."""
+        rows = []
+        for acc in self.accounts:
+            row = {name: getattr(acc, name) for name in REPORT_FIELDS}
+            row["form"] = acc.form.value
+            row["compression_vs_full"] = round(acc.compression_vs_full, 4)
+            row["compression_vs_lora"] = round(acc.compression_vs_lora, 4)
+            row["by_module_type"] = [vars(t) for t in acc.by_module_type]
+            rows.append(row)
+        return rows
+
+    def render(self, fmt: ReportFormat) -> str:
+        """The report as text, JSON or Markdown."""
+        return {ReportFormat.TEXT: _text, ReportFormat.JSON: _json, ReportFormat.MARKDOWN: _markdown}[fmt](self)
+
+
+def build_report(
+    accounts: list[AdapterAccount],
+    *,
+    max_bytes: Optional[int] = None,
+    min_compression: Optional[float] = None,
+) -> Report:
+    """A report of ``accounts`` with a check per adapter and threshold given.
+
+    Args:
+        accounts: From :func:`vblora_store.accounting.account`.
+        max_bytes: Fail an adapter whose weights file is larger.
+        min_compression: Fail an adapter whose ``compression_vs_lora`` is lower.
+
+    Returns:
+        The :class:`Report`.
+
+    Example:
+        >>> build_report([], max_bytes=10).exit_code
+        0
+    """
+    checks = []
+    for acc in accounts:
+        label = _label(acc)
+        if max_bytes is not None:
+            checks.append(Check(label, "max_bytes", max_bytes, acc.file_bytes))
+        if min_compression is not None:
+            checks.append(Check(label, "min_compression", min_compression, round(acc.compression_vs_lora, 4)))
+    return Report(accounts, checks)
+
+
+def _label(acc: AdapterAccount) -> str:
+    return f"{acc.path} [{acc.adapter_name}]"
+
+
+def _json(report: Report) -> str:
+    checks = [dict(vars(c), passed=c.passed) for c in report.checks]
+    return json.dumps({"adapters": report.rows(), "checks": checks, "passed": report.passed}, indent=2)
+
+
+def _text(report: Report) -> str:
+    lines = []
+    for acc in report.accounts:
+        lines += [
+            f"{_label(acc)}: {acc.form.value} form, r={acc.r}, N={acc.num_vectors}, "
+            f"L={acc.vector_length}, k={acc.topk}, {acc.num_modules} modules",
+            f"  weights file          {acc.file_bytes:>15,} bytes",
+            f"  VB-LoRA params        {acc.vblora_params:>15,}  (float32-equivalent, as stored)",
+            f"  other params          {acc.other_params:>15,}  (modules_to_save, biases)",
+            f"  full form would store {acc.full_vblora_params:>15,}",
+            f"  top-k form stores     {acc.topk_vblora_params:>15,}",
+            f"  rank-{acc.r} LoRA stores   {acc.lora_params:>15,}",
+            f"  compression           {acc.compression_vs_full:>14.1f}x vs full, "
+            f"{acc.compression_vs_lora:.1f}x vs LoRA",
+        ]
+        for t in acc.by_module_type:
+            lines.append(f"    {t.module_type:<20} {t.num_modules:>4} modules {t.lora_params:>13,} LoRA params")
+    lines += [_check_line(c) for c in report.checks]
+    return "\n".join(lines)
+
+
+def _check_line(check: Check) -> str:
+    verdict = "ok  " if check.passed else "FAIL"
+    relation = "<=" if check.name == "max_bytes" else ">="
+    return f"{verdict} {check.adapter}: {check.name} {check.value:g} {relation} {check.limit:g}"
+
+
+def _markdown(report: Report) -> str:
+    lines = [
+        "| adapter | form | weights file (bytes) | VB-LoRA params | other params | full form | top-k form "
+        "| rank-r LoRA | vs full | vs LoRA |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for acc in report.accounts:
+        lines.append(
+            f"| `{acc.adapter_name}` | {acc.form.value} | {acc.file_bytes:,} | {acc.vblora_params:,} "
+            f"| {acc.other_params:,} | {acc.full_vblora_params:,} | {acc.topk_vblora_params:,} "
+            f"| {acc.lora_params:,} | {acc.compression_vs_full:.1f}x | {acc.compression_vs_lora:.1f}x |"
+        )
+    lines += ["", "Parameters are float32-equivalent savable counts, as PEFT computes them, per adapter."]
+    for acc in report.accounts:
+        lines += [
+            "",
+            f"**`{acc.adapter_name}`** (r={acc.r}, N={acc.num_vectors}, L={acc.vector_length}, k={acc.topk}), "
+            "by module type:",
+            "",
+            "| module type | modules | sub-vector slots | rank-r LoRA params |",
+            "|---|--:|--:|--:|",
+        ]
+        lines += [f"| `{t.module_type}` | {t.num_modules} | {t.slots:,} | {t.lora_params:,} |" for t in acc.by_module_type]
+    if report.checks:
+        lines += ["", "| check | adapter | value | limit | result |", "|---|---|--:|--:|---|"]
+        lines += [
+            f"| {c.name} | `{c.adapter}` | {c.value:g} | {c.limit:g} | {'pass' if c.passed else '**FAIL**'} |"
+            for c in report.checks
+        ]
+    return "\n".join(lines)

@@ -1,0 +1,89 @@
+"""The VB-LoRA arithmetic, as pure functions over tensors.
+
+Each sub-vector of a LoRA factor is a mix of ``k`` bank vectors::
+
+    sub_vector = sum_j  w_j * bank[i_j]        w = softmax(top-k logits)
+
+A (r, in) is built from ``(r, in/L)`` sub-vectors and B (out, r) from
+``(out/L, r)`` sub-vectors; the update is ``ΔW = B @ A`` with no scaling.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["select_topk", "complete_weights", "compose", "lora_factors", "delta_weight"]
+
+
+def select_topk(logits: torch.Tensor, k: int, index_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """PEFT's top-k form of a logits tensor.
+
+    Args:
+        logits: ``(..., N)`` logits.
+        k: How many vectors to keep.
+        index_dtype: The dtype the indices are stored in (``keys.index_dtype``).
+
+    Returns:
+        ``(indices, weights)``: ``(..., k)`` indices in ``index_dtype`` and the
+        ``(..., k - 1)`` softmax weights of the top-k logits without the last
+        one, exactly as PEFT computes them.
+
+    Example:
+        >>> i, w = select_topk(torch.tensor([[[0.0, 2.0, 1.0]]]), 2, torch.uint8)
+        >>> i.tolist(), [round(x, 4) for x in w.flatten().tolist()]
+        ([[[1, 2]]], [0.7311])
+    """
+    top, indices = logits.topk(k)
+    weights = torch.softmax(top, dim=-1)[..., :-1].contiguous()
+    return indices.to(dtype=index_dtype), weights
+
+
+def complete_weights(weights: torch.Tensor) -> torch.Tensor:
+    """Append the dropped last weight, ``1 - sum(others)``: ``(..., k-1) -> (..., k)``."""
+    last = 1 - weights.sum(-1, keepdim=True)
+    return torch.cat([weights, last], dim=-1)
+
+
+def compose(indices: torch.Tensor, weights: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
+    """Mix bank vectors into sub-vectors.
+
+    Args:
+        indices: ``(..., k)`` bank rows, any integer dtype.
+        weights: ``(..., k)`` mixing weights (complete, summing to one).
+        bank: ``(N, L)`` vector bank.
+
+    Returns:
+        ``(..., L)`` sub-vectors in the dtype of ``weights`` and ``bank`` promoted.
+    """
+    vectors = bank[indices.long()]  # (..., k) -> (..., k, L)
+    return (weights.unsqueeze(-1) * vectors).sum(-2)  # (..., k, L) -> (..., L)
+
+
+def lora_factors(
+    a_indices: torch.Tensor,
+    a_weights: torch.Tensor,
+    b_indices: torch.Tensor,
+    b_weights: torch.Tensor,
+    bank: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The dense factors of one module from complete top-k weights.
+
+    Args:
+        a_indices, a_weights: ``(r, in/L, k)``.
+        b_indices, b_weights: ``(out/L, r, k)``.
+        bank: ``(N, L)``.
+
+    Returns:
+        ``(A, B)`` with A ``(r, in)`` and B ``(out, r)``.
+    """
+    r = a_indices.shape[0]
+    a = compose(a_indices, a_weights, bank).reshape(r, -1)  # (r, in/L, L) -> (r, in)
+    b_sub = compose(b_indices, b_weights, bank)  # (out/L, r, L)
+    b = b_sub.transpose(1, 2).reshape(-1, r)  # (out/L, r, L) -> (out/L, L, r) -> (out, r)
+    return a, b
+
+
+def delta_weight(a: torch.Tensor, b: torch.Tensor, *, fan_in_fan_out: bool = False) -> torch.Tensor:
+    """``ΔW = B @ A``: ``(out, in)``, or ``(in, out)`` when ``fan_in_fan_out``."""
+    delta = b @ a  # (out, r) @ (r, in) -> (out, in)
+    return delta.T if fan_in_fan_out else delta
