@@ -1,0 +1,57 @@
+"""docs/format.md's worked example, rebuilt and compared byte for byte."""
+
+import json
+import re
+import struct
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from vblora_store.format import convert
+
+SPEC = Path(__file__).resolve().parent.parent / "docs" / "format.md"
+
+
+def _golden(name: str) -> str:
+    """The code block that follows ``<!-- golden:NAME -->`` in docs/format.md."""
+    match = re.search(rf"<!-- golden:{re.escape(name)} -->\s*```\w*\n(.*?)```", SPEC.read_text(), re.S)
+    assert match, f"docs/format.md has no golden block {name}"
+    return match.group(1).strip()
+
+
+def _example_full_adapter(folder: Path) -> None:
+    """The full-form adapter of the worked example, written as PEFT writes it."""
+    folder.mkdir()
+    config = {"peft_type": "VBLORA", "r": 1, "num_vectors": 3, "vector_length": 2, "topk": 2, "target_modules": ["fc"]}
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    tensors = {
+        "base_model.vblora_vector_bank": torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]),
+        "base_model.model.fc.vblora_logits_A": torch.tensor([[[2.0, 0.0, 1.0], [0.0, 1.0, 3.0]]]),
+        "base_model.model.fc.vblora_logits_B": torch.tensor([[[0.5, 1.0, 0.0]]]),
+    }
+    save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+
+
+def test_topk_example_bytes_match_the_spec(tmp_path):
+    """convert writes exactly the bytes docs/format.md spells out."""
+    _example_full_adapter(tmp_path / "full")
+    convert(tmp_path / "full", tmp_path / "topk")
+    written = (tmp_path / "topk" / "adapter_model.safetensors").read_bytes()
+
+    length = int(_golden("topk-example:header-length"))
+    header = _golden("topk-example:header").encode()
+    data = bytes.fromhex(_golden("topk-example:data").replace("\n", " "))
+    expected = struct.pack("<Q", length) + header.ljust(length, b" ") + data
+    assert written == expected
+
+
+def test_topk_example_values_are_the_hand_derived_ones():
+    """The spec's numbers: softmax of the kept logits, first k-1 stored, uint8 indices."""
+    data = bytes.fromhex(_golden("topk-example:data").replace("\n", " "))
+    a_w0, a_w1, b_w0 = struct.unpack("<3f", data[:12])
+    e = torch.tensor(1.0).exp().item()
+    assert abs(a_w0 - e / (e + 1)) < 1e-7  # softmax([2, 1])[0]
+    assert abs(a_w1 - e**2 / (e**2 + 1)) < 1e-7  # softmax([3, 1])[0]
+    assert abs(b_w0 - 1 / (1 + torch.tensor(-0.5).exp().item())) < 1e-7  # softmax([1, 0.5])[0]
+    assert list(data[36:]) == [0, 2, 2, 1, 1, 0]
