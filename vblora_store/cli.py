@@ -15,10 +15,13 @@ from typing import Optional
 import click
 
 from .accounting import account
-from .errors import VBLoRAStoreError
+from .errors import InvalidAdapterError, VBLoRAStoreError
 from .format import StorageForm, convert, read_adapters
+from .format.packed import BankDtype, WeightsDtype
 from .inspection import describe, render_json, render_text
 from .report import ReportFormat, build_report
+from .verify import render as render_verification
+from .verify import verify_adapters
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -76,9 +79,23 @@ def inspect_cmd(path: str, as_json: bool) -> None:
     help="Target storage form.",
 )
 @click.option("--force", is_flag=True, help="Replace DST if it exists.")
-def convert_cmd(src: str, dst: str, to: str, force: bool) -> None:
+@click.option(
+    "--weights-dtype",
+    type=click.Choice([d.value for d in WeightsDtype]),
+    default=WeightsDtype.FLOAT32.value,
+    show_default=True,
+    help="Packed form: top-k weights precision (float32 is lossless).",
+)
+@click.option(
+    "--bank-dtype",
+    type=click.Choice([d.value for d in BankDtype]),
+    default=BankDtype.FLOAT32.value,
+    show_default=True,
+    help="Packed form: vector bank precision (float32 is lossless; int8 keeps a scale per vector).",
+)
+def convert_cmd(src: str, dst: str, to: str, force: bool, weights_dtype: str, bank_dtype: str) -> None:
     """Convert the adapters in SRC into DST (same layout), then print DST's report."""
-    convert(src, dst, to=to, force=force)
+    convert(src, dst, to=to, force=force, weights_dtype=weights_dtype, bank_dtype=bank_dtype)
     report = build_report([account(a) for a in read_adapters(dst)])
     click.echo(report.render(ReportFormat.TEXT))
 
@@ -104,3 +121,21 @@ def report_cmd(paths: tuple[str, ...], fmt: str, max_bytes: Optional[int], min_c
     report = build_report(accounts, max_bytes=max_bytes, min_compression=min_compression)
     click.echo(report.render(ReportFormat(fmt)))
     sys.exit(report.exit_code)
+
+
+@main.command("verify")
+@click.argument("a", type=click.Path(path_type=str))
+@click.argument("b", type=click.Path(path_type=str))
+@click.option("--tol", type=click.FloatRange(min=0), default=1e-6, show_default=True, help="Largest relative error allowed.")
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
+def verify_cmd(a: str, b: str, tol: float, fmt: str) -> None:
+    """Compare ΔW = B·A of every module of adapters A and B (any forms); exit 1 above --tol."""
+    first = {x.name: x for x in read_adapters(a)}
+    second = {x.name: x for x in read_adapters(b)}
+    if set(first) != set(second):
+        raise InvalidAdapterError(
+            f"{b}: holds adapters {sorted(second)} but {a} holds {sorted(first)}; compare two forms of one folder."
+        )
+    verifications = [verify_adapters(first[name], second[name]) for name in first]
+    click.echo(render_verification(verifications, tol=tol, as_json=fmt == "json"))
+    sys.exit(EXIT_OK if max(v.max_rel_error for v in verifications) <= tol else EXIT_CHECK_FAILED)

@@ -32,7 +32,10 @@ REPORT_FIELDS = (
     "other_params",
     "full_vblora_params",
     "topk_vblora_params",
+    "packed_vblora_params",
     "lora_params",
+    "form_bytes",
+    "precision",
     "compression_vs_full",
     "compression_vs_lora",
 )
@@ -86,6 +89,7 @@ class Report:
         rows = []
         for acc in self.accounts:
             row = {name: getattr(acc, name) for name in REPORT_FIELDS}
+            row["form_bytes"] = dict(acc.form_bytes)
             row["form"] = acc.form.value
             row["compression_vs_full"] = round(acc.compression_vs_full, 4)
             row["compression_vs_lora"] = round(acc.compression_vs_lora, 4)
@@ -146,8 +150,10 @@ def _text(report: Report) -> str:
             f"  weights file          {acc.file_bytes:>15,} bytes",
             f"  VB-LoRA params        {acc.vblora_params:>15,}  (float32-equivalent, as stored)",
             f"  other params          {acc.other_params:>15,}  (modules_to_save, biases)",
-            f"  full form would store {acc.full_vblora_params:>15,}",
-            f"  top-k form stores     {acc.topk_vblora_params:>15,}",
+            f"  precision             {acc.precision:>15}",
+            f"  full form would store {acc.full_vblora_params:>15,}  ({acc.form_bytes['full']:,} bytes of tensors)",
+            f"  top-k form stores     {acc.topk_vblora_params:>15,}  ({acc.form_bytes['topk']:,} bytes)",
+            f"  packed form stores    {acc.packed_vblora_params:>15,}  ({acc.form_bytes['packed']:,} bytes, lossless)",
             f"  rank-{acc.r} LoRA stores   {acc.lora_params:>15,}",
             f"  compression           {acc.compression_vs_full:>14.1f}x vs full, "
             f"{acc.compression_vs_lora:.1f}x vs LoRA",
@@ -166,15 +172,16 @@ def _check_line(check: Check) -> str:
 
 def _markdown(report: Report) -> str:
     lines = [
-        "| adapter | form | weights file (bytes) | VB-LoRA params | other params | full form | top-k form "
-        "| rank-r LoRA | vs full | vs LoRA |",
-        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "| adapter | form | precision | weights file (bytes) | VB-LoRA params | other params | full form "
+        "| top-k form | packed form | rank-r LoRA | vs full | vs LoRA |",
+        "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for acc in report.accounts:
         lines.append(
-            f"| `{acc.adapter_name}` | {acc.form.value} | {acc.file_bytes:,} | {acc.vblora_params:,} "
-            f"| {acc.other_params:,} | {acc.full_vblora_params:,} | {acc.topk_vblora_params:,} "
-            f"| {acc.lora_params:,} | {acc.compression_vs_full:.1f}x | {acc.compression_vs_lora:.1f}x |"
+            f"| `{acc.adapter_name}` | {acc.form.value} | {acc.precision} | {acc.file_bytes:,} "
+            f"| {acc.vblora_params:,} | {acc.other_params:,} | {acc.full_vblora_params:,} "
+            f"| {acc.topk_vblora_params:,} | {acc.packed_vblora_params:,} | {acc.lora_params:,} "
+            f"| {acc.compression_vs_full:.1f}x | {acc.compression_vs_lora:.1f}x |"
         )
     lines += ["", "Parameters are float32-equivalent savable counts, as PEFT computes them, per adapter."]
     for acc in report.accounts:

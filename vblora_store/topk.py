@@ -39,8 +39,13 @@ def select_topk(logits: torch.Tensor, k: int, index_dtype: torch.dtype) -> tuple
 
 
 def complete_weights(weights: torch.Tensor) -> torch.Tensor:
-    """Append the dropped last weight, ``1 - sum(others)``: ``(..., k-1) -> (..., k)``."""
-    last = 1 - weights.sum(-1, keepdim=True)
+    """Append the dropped last weight, ``1 - sum(others)``: ``(..., k-1) -> (..., k)``.
+
+    The last weight is clamped at zero: rounding (or a lossy packed form) can
+    make the stored weights sum past one, and a negative weight would flip a
+    bank vector's sign.
+    """
+    last = (1 - weights.sum(-1, keepdim=True)).clamp(min=0)
     return torch.cat([weights, last], dim=-1)
 
 

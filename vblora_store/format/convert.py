@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import torch
 from safetensors.torch import save_file
@@ -18,6 +18,7 @@ from ..config import VBLoRAConfig
 from ..errors import UnsupportedConversionError
 from ..topk import select_topk
 from .atomic import atomic_folder, check_destination
+from .packed import BankDtype, WeightsDtype, pack_topk
 from .keys import WEIGHTS_NAME, StorageForm, index_dtype, indices_key, parse_key, weights_key
 from .peft import StoredAdapter, check_tensor_values, read_adapters
 
@@ -26,27 +27,43 @@ __all__ = ["convert_tensors", "write_adapter", "convert", "SAFETENSORS_METADATA"
 SAFETENSORS_METADATA = {"format": "pt"}
 
 
-def convert_tensors(adapter: StoredAdapter, to: StorageForm) -> tuple[VBLoRAConfig, dict[str, torch.Tensor]]:
-    """The config and state dict of ``adapter`` in form ``to``, checking every value read.
+def convert_tensors(
+    adapter: StoredAdapter,
+    to: StorageForm,
+    *,
+    weights_dtype: Union[WeightsDtype, str] = WeightsDtype.FLOAT32,
+    bank_dtype: Union[BankDtype, str] = BankDtype.FLOAT32,
+) -> tuple[VBLoRAConfig, dict[str, torch.Tensor], dict[str, str]]:
+    """The config, state dict and safetensors metadata of ``adapter`` in form ``to``.
 
-    Logits are read one tensor at a time, so memory holds one logits tensor
-    plus the (small) result.
+    Every value read is checked.  Logits are read one tensor at a time, so
+    memory holds one logits tensor plus the (small) result.
 
     Args:
-        adapter: A stored adapter.
+        adapter: A stored adapter, any form.
         to: The target form.
+        weights_dtype: Packed form only: how to store the top-k weights.
+        bank_dtype: Packed form only: how to store the bank.
 
     Returns:
-        ``(config, tensors)`` ready for :func:`write_adapter`.
+        ``(config, tensors, metadata)`` ready for :func:`write_adapter`.
 
     Raises:
-        UnsupportedConversionError: top-k to full (the logits are gone).
+        UnsupportedConversionError: to full from top-k or packed (the logits are
+            gone), or a precision option without ``to=PACKED``.
         InvalidAdapterError: a stored value is bad (NaN, index out of range).
     """
-    if adapter.form is StorageForm.TOPK and to is StorageForm.FULL:
+    to = StorageForm(to)
+    weights_dtype, bank_dtype = WeightsDtype(weights_dtype), BankDtype(bank_dtype)
+    if not adapter.form.has_logits and to.has_logits:
         raise UnsupportedConversionError(
-            f"{adapter.folder}: is in top-k form; the full logits were discarded when it was saved, so it "
-            "cannot become full again. Convert the original full adapter instead."
+            f"{adapter.folder}: is in {adapter.form.value} form; the full logits were discarded when it was "
+            "saved, so it cannot become full again. Convert the original full adapter instead."
+        )
+    lossy = (weights_dtype, bank_dtype) != (WeightsDtype.FLOAT32, BankDtype.FLOAT32)
+    if lossy and to is not StorageForm.PACKED:
+        raise UnsupportedConversionError(
+            f"{adapter.folder}: --weights-dtype and --bank-dtype apply to the packed form only; add --to packed."
         )
     k, idx_dtype = adapter.config.topk, index_dtype(adapter.config.num_vectors)
     out: dict[str, torch.Tensor] = {}
@@ -54,23 +71,38 @@ def convert_tensors(adapter: StoredAdapter, to: StorageForm) -> tuple[VBLoRAConf
         value = adapter.tensor(key)
         check_tensor_values(adapter, key, value)
         parts = parse_key(key)
-        if to is StorageForm.TOPK and parts is not None and parts.part == "logits":
+        if not to.has_logits and parts is not None and parts.part == "logits":
             indices, weights = select_topk(value, k, idx_dtype)
             out[indices_key(parts.module, parts.side)] = indices
             out[weights_key(parts.module, parts.side)] = weights
             del value
         else:
             out[key] = value
-    config = dataclasses.replace(adapter.config, save_only_topk_weights=to is StorageForm.TOPK)
-    return config, out
+    config = dataclasses.replace(adapter.config, save_only_topk_weights=not to.has_logits)
+    metadata = dict(SAFETENSORS_METADATA)
+    if to is StorageForm.PACKED:
+        out, metadata = pack_topk(
+            list(adapter.modules.values()),
+            out,
+            num_vectors=config.num_vectors,
+            topk=k,
+            weights_dtype=weights_dtype,
+            bank_dtype=bank_dtype,
+        )
+    return config, out, metadata
 
 
-def write_adapter(folder: Union[str, Path], config: VBLoRAConfig, tensors: dict[str, torch.Tensor]) -> None:
+def write_adapter(
+    folder: Union[str, Path],
+    config: VBLoRAConfig,
+    tensors: dict[str, torch.Tensor],
+    metadata: Optional[dict[str, str]] = None,
+) -> None:
     """Write ``adapter_config.json`` and ``adapter_model.safetensors`` into ``folder`` as PEFT does."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(folder)
-    save_file(tensors, str(folder / WEIGHTS_NAME), metadata=SAFETENSORS_METADATA)
+    save_file(tensors, str(folder / WEIGHTS_NAME), metadata=metadata or SAFETENSORS_METADATA)
 
 
 def convert(
@@ -79,6 +111,8 @@ def convert(
     *,
     to: Union[StorageForm, str] = StorageForm.TOPK,
     force: bool = False,
+    weights_dtype: Union[WeightsDtype, str] = WeightsDtype.FLOAT32,
+    bank_dtype: Union[BankDtype, str] = BankDtype.FLOAT32,
 ) -> list[StoredAdapter]:
     """Convert every adapter of the folder ``src`` into ``dst``, atomically.
 
@@ -88,22 +122,25 @@ def convert(
     Args:
         src: A PEFT adapter folder.
         dst: The folder to create.
-        to: Target form (``"topk"`` or ``"full"``).
+        to: Target form (``"topk"``, ``"packed"`` or ``"full"``).
         force: Replace ``dst`` if it exists.
+        weights_dtype: Packed form only: ``float32`` (lossless), ``float16``, ``bfloat16``.
+        bank_dtype: Packed form only: ``float32`` (lossless), ``float16``, ``bfloat16``, ``int8``.
 
     Returns:
         The adapters as read from ``src``.
 
     Example:
-        >>> convert("fixtures/tiny-llama-vblora", "/tmp/topk", to="topk")  # doctest: +SKIP
+        >>> convert("fixtures/tiny-llama-vblora", "/tmp/packed", to="packed")  # doctest: +SKIP
     """
-    to = StorageForm(to)
     src = Path(src)
     check_destination(dst, force=force, sources=(src,))
     adapters = read_adapters(src)
     with atomic_folder(dst, force=force) as work:
         for adapter in adapters:
-            config, tensors = convert_tensors(adapter, to)
-            write_adapter(work if adapter.folder == src else work / adapter.name, config, tensors)
+            config, tensors, metadata = convert_tensors(
+                adapter, to, weights_dtype=weights_dtype, bank_dtype=bank_dtype
+            )
+            write_adapter(work if adapter.folder == src else work / adapter.name, config, tensors, metadata)
             del tensors
     return adapters

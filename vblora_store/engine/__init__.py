@@ -1,0 +1,13 @@
+"""The reconstruction engine: VB-LoRA adapters on a live model, with PEFT's API.
+
+``VBLoRAModel`` wraps a torch or transformers model, injects or loads
+adapters (full or top-k form) and runs them as rank-r LoRA factors built once
+and cached.  See ``docs/engine.md``.
+"""
+
+from .layer import TopKFactors, VBLoRALinear
+from .model import VBLoRAModel
+from .targeting import find_targets
+from .trainable import ModulesToSave
+
+__all__ = ["VBLoRAModel", "VBLoRALinear", "TopKFactors", "ModulesToSave", "find_targets"]

@@ -1,0 +1,491 @@
+"""``VBLoRAModel``: VB-LoRA adapters on a torch or transformers model, with PEFT's API.
+
+The wrapped model is ``self.model``; targeted layers are replaced in place by
+:class:`~vblora_store.engine.layer.VBLoRALinear`, ``modules_to_save`` by
+:class:`~vblora_store.engine.trainable.ModulesToSave`; each adapter's vector
+bank is registered once, in ``self.vblora_vector_bank``.  Files are read and
+written through the format layer, in PEFT's exact layout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Optional, Union
+
+import torch
+from torch import nn
+
+from ..config import VBLoRAConfig
+from ..errors import AdapterStateError, InvalidAdapterError, TargetingError
+from ..format.convert import write_adapter
+from ..format.keys import BANK_KEY, StorageForm, indices_key, logits_key, weights_key
+from ..format.peft import StoredAdapter, read_adapter
+from .layer import TopKFactors, VBLoRALinear, check_fits, layer_features
+from .state import adapter_layers, adapter_state_dict, load_other_tensors, savable_parameter_counts
+from .targeting import CLASSIFIER_HEADS, conv1d_class, find_targets
+from .trainable import ModulesToSave
+
+__all__ = ["VBLoRAModel"]
+
+_WRAPPERS = (VBLoRALinear,)
+
+
+class VBLoRAModel(nn.Module):
+    """A model with VB-LoRA adapters; PEFT's ``PeftModel`` API for VB-LoRA.
+
+    Args:
+        model: A ``torch.nn.Module`` (a transformers model or any other).
+        config: The new adapter's config.
+        adapter_name: Its name.
+        low_cpu_mem_usage: Allocate the new adapter on the ``meta`` device (fill
+            it later with :meth:`load_adapter` under the same name).
+
+    Example:
+        >>> model = VBLoRAModel(base, VBLoRAConfig(r=4, num_vectors=256, vector_length=64,
+        ...                                        target_modules=["q_proj", "v_proj"]))  # doctest: +SKIP
+        >>> model.print_trainable_parameters()  # doctest: +SKIP
+        >>> model.save_pretrained("out", save_only_topk_weights=True)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: VBLoRAConfig,
+        adapter_name: str = "default",
+        low_cpu_mem_usage: bool = False,
+    ):
+        self._setup(model)
+        self.add_adapter(adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage)
+
+    def _setup(self, model: nn.Module) -> None:
+        nn.Module.__init__(self)
+        self.model = model
+        self.vblora_vector_bank = nn.ParameterDict()
+        self.peft_config: dict[str, VBLoRAConfig] = {}
+        self.storage_form: dict[str, StorageForm] = {}
+        self.targeted_module_names: list[str] = []
+        self.active_adapter: Optional[str] = None
+        self._placeholders: set[str] = set()  # adapters allocated on "meta", awaiting load_adapter
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: nn.Module,
+        path: Union[str, Path],
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+        low_cpu_mem_usage: bool = False,
+    ) -> "VBLoRAModel":
+        """Wrap ``model`` with the adapter saved at ``path`` (full or top-k form).
+
+        Args:
+            model: The base model the adapter was trained on.
+            path: A folder holding ``adapter_config.json`` and the weights.
+            adapter_name: The name to give the adapter.
+            is_trainable: Keep training it (full form only); otherwise the
+                adapter is frozen and the model put in eval mode.
+            low_cpu_mem_usage: Accepted for PEFT compatibility; loading never
+                allocates a random adapter first, so memory is always low.
+
+        Returns:
+            The wrapped model.
+
+        Raises:
+            AdapterStateError: ``is_trainable`` with a top-k adapter.
+            TargetingError: the adapter's modules do not fit ``model``.
+
+        Example:
+            >>> model = VBLoRAModel.from_pretrained(base, "adapters/topk")  # doctest: +SKIP
+        """
+        self = cls.__new__(cls)
+        self._setup(model)
+        self.load_adapter(path, adapter_name, is_trainable=is_trainable, low_cpu_mem_usage=low_cpu_mem_usage)
+        return self
+
+    # -- adding adapters ---------------------------------------------------------------
+
+    def add_adapter(self, adapter_name: str, config: VBLoRAConfig, *, low_cpu_mem_usage: bool = False) -> None:
+        """Add a freshly initialised adapter (trainable if it is the first one, like PEFT).
+
+        Example:
+            >>> model.add_adapter("second", VBLoRAConfig(target_modules=["q_proj"]))  # doctest: +SKIP
+        """
+        self._inject(adapter_name, config, None, low_cpu_mem_usage=low_cpu_mem_usage)
+        if low_cpu_mem_usage:
+            self._placeholders.add(adapter_name)
+        if self.active_adapter is None:
+            self.active_adapter = adapter_name
+        self._set_requires_grad(adapter_name, adapter_name == self.active_adapter)
+
+    def load_adapter(
+        self,
+        path: Union[str, Path],
+        adapter_name: str,
+        is_trainable: bool = False,
+        low_cpu_mem_usage: bool = False,
+    ) -> None:
+        """Load the adapter saved at ``path`` under ``adapter_name`` (it does not become active).
+
+        Args:
+            path: A folder holding ``adapter_config.json`` and the weights.
+            adapter_name: The name to give it; may be a ``low_cpu_mem_usage``
+                placeholder, which is then replaced.
+            is_trainable: Make it trainable (full form only); otherwise the
+                model is put in eval mode, as PEFT does.
+            low_cpu_mem_usage: Accepted for PEFT compatibility (always low).
+
+        Raises:
+            AdapterStateError: ``is_trainable`` with a top-k adapter, or the name is taken.
+        """
+        stored = read_adapter(path, name=adapter_name)
+        if is_trainable and stored.form is StorageForm.TOPK:
+            raise AdapterStateError(
+                f"{stored.folder}: adapter saved in top-k form (save_only_topk_weights=true) keeps only the top-k "
+                "weights, not the logits, so it cannot be trained. Load it with is_trainable=False, or train from "
+                "the full-form adapter."
+            )
+        if adapter_name in self._placeholders:
+            self.delete_adapter(adapter_name)
+        self._inject(adapter_name, stored.config, stored)
+        if self.active_adapter is None:
+            self.active_adapter = adapter_name
+        self._set_requires_grad(adapter_name, is_trainable)
+        if not is_trainable:
+            self.eval()
+
+    def _prepared_config(self, config: VBLoRAConfig) -> VBLoRAConfig:
+        """A copy of ``config`` with the task head PEFT adds to ``modules_to_save``."""
+        config = dataclasses.replace(config)
+        heads = CLASSIFIER_HEADS.get(str(config.task_type), [])
+        if heads:
+            config.modules_to_save = list(config.modules_to_save or []) + [
+                h for h in heads if h not in (config.modules_to_save or [])
+            ]
+        return config
+
+    def _fan_in_fan_out(self, config: VBLoRAConfig, base: nn.Module, name: str) -> bool:
+        """PEFT's correction: Linear means False, Conv1D means True, with a warning when the config disagrees."""
+        conv1d = conv1d_class()
+        if conv1d is not None and isinstance(base, conv1d):
+            if not config.fan_in_fan_out:
+                warnings.warn(f"{name}: fan_in_fan_out is False but the target is Conv1D; setting it to True.")
+                config.fan_in_fan_out = True
+        elif config.fan_in_fan_out:
+            warnings.warn(f"{name}: fan_in_fan_out is True but the target is nn.Linear; setting it to False.")
+            config.fan_in_fan_out = False
+        return config.fan_in_fan_out
+
+    def _inject(
+        self,
+        adapter: str,
+        config: VBLoRAConfig,
+        stored: Optional[StoredAdapter],
+        *,
+        low_cpu_mem_usage: bool = False,
+    ) -> None:
+        """Wrap the targeted layers with ``adapter``: fresh (PEFT's init and RNG order) or from ``stored``."""
+        if adapter in self.peft_config:
+            raise AdapterStateError(f"an adapter named {adapter!r} exists; delete_adapter() it or pick another name.")
+        if not adapter or "." in adapter:
+            raise AdapterStateError(f"adapter name {adapter!r} is empty or has a '.'; pick a plain name.")
+        config = self._prepared_config(config)
+        modules_to_save = list(config.modules_to_save or [])
+        names = find_targets(self.model, config, modules_to_save=modules_to_save, skip=_WRAPPERS)
+        if stored is not None and set(names) != set(stored.modules):
+            missing = sorted(set(stored.modules) - set(names))[:3]
+            extra = sorted(set(names) - set(stored.modules))[:3]
+            raise TargetingError(
+                f"{stored.folder}: the adapter's modules do not match this model's targets (in the file only: "
+                f"{missing}; targeted but absent from the file: {extra}); load it on the model it was trained on."
+            )
+        plan = []  # (name, module, base layer, fan_in_fan_out): every check before the model changes
+        for name in names:
+            module = self.model.get_submodule(name)
+            base = module.base_layer if isinstance(module, VBLoRALinear) else module
+            fan = self._fan_in_fan_out(config, base, name)
+            check_fits(name, *layer_features(base, fan), config.vector_length)
+            plan.append((name, module, base, fan))
+
+        n, length, bound = config.num_vectors, config.vector_length, config.init_vector_bank_bound
+        meta = low_cpu_mem_usage and stored is None
+        bank = torch.zeros(n, length, device="meta" if meta else "cpu")
+        for name, module, base, fan in plan:
+            if not isinstance(module, VBLoRALinear):
+                module = VBLoRALinear(base, self.vblora_vector_bank, name=name, fan_in_fan_out=fan)
+                parent, _, child = name.rpartition(".")
+                setattr(self.model.get_submodule(parent) if parent else self.model, child, module)
+            device = base.weight.device
+            if stored is None:
+                if not meta:
+                    bank.uniform_(-bound, bound)  # PEFT redraws the bank per module; the last draw is kept
+                module.add_full(adapter, config, device="meta" if meta else device)
+            elif stored.form is StorageForm.FULL:
+                logits = [stored.tensor(logits_key(name, side)).to(device) for side in "AB"]
+                module.add_full(adapter, config, *logits)
+            else:
+                parts = [stored.tensor(key(name, s)).to(device) for s in "AB" for key in (indices_key, weights_key)]
+                module.add_topk(adapter, config, TopKFactors(*parts))
+            if name not in self.targeted_module_names:
+                self.targeted_module_names.append(name)
+        if stored is not None:
+            bank = stored.tensor(BANK_KEY)
+        self.vblora_vector_bank[adapter] = nn.Parameter(bank.to(plan[0][2].weight.device))
+        self._add_modules_to_save(adapter, modules_to_save)
+        self.peft_config[adapter] = config
+        self.storage_form[adapter] = stored.form if stored is not None else StorageForm.FULL
+        if stored is not None:
+            load_other_tensors(self.model, stored, adapter)
+        self._activate(self.active_adapter or adapter)
+
+    def _add_modules_to_save(self, adapter: str, names: list[str]) -> None:
+        for key, module in list(self.model.named_modules()):
+            if not key or not any(key == n or key.endswith(f".{n}") for n in names):
+                continue
+            if not isinstance(module, ModulesToSave):
+                module = ModulesToSave(module, name=key)
+                parent, _, child = key.rpartition(".")
+                setattr(self.model.get_submodule(parent) if parent else self.model, child, module)
+            module.add_adapter(adapter)
+
+    # -- which adapter runs --------------------------------------------------------------
+
+    def _wrappers(self) -> Iterator[nn.Module]:
+        return (m for m in self.model.modules() if isinstance(m, (VBLoRALinear, ModulesToSave)))
+
+    def _activate(self, adapter: Optional[str]) -> None:
+        for module in self._wrappers():
+            module.active_adapter = adapter
+        self.active_adapter = adapter
+
+    def _check_known(self, adapter: str) -> None:
+        if adapter not in self.peft_config:
+            raise AdapterStateError(f"no adapter named {adapter!r}; this model has {sorted(self.peft_config)}.")
+
+    def _set_requires_grad(self, adapter: str, trainable: bool) -> None:
+        """PEFT's trainability: the base frozen; the adapter's tensors, biases and copies as asked."""
+        trainable = trainable and self.storage_form[adapter] is StorageForm.FULL
+        if len(self.peft_config) == 1:
+            self.model.requires_grad_(False)
+        self.vblora_vector_bank[adapter].requires_grad_(trainable)
+        for _, layer in adapter_layers(self.model, adapter):
+            for holder in (layer.vblora_logits_A, layer.vblora_logits_B):
+                if adapter in holder:
+                    holder[adapter].requires_grad_(trainable)
+        for module in self.model.modules():
+            if isinstance(module, ModulesToSave) and adapter in module.modules_to_save:
+                module.modules_to_save[adapter].requires_grad_(trainable)
+        bias = self.peft_config[adapter].bias
+        if trainable and bias == "all":
+            for pname, param in self.model.named_parameters():
+                if pname.endswith("bias") and ".modules_to_save." not in pname:
+                    param.requires_grad_(True)
+        elif trainable and bias == "vblora_only":
+            for _, layer in adapter_layers(self.model, adapter):
+                if layer.base_layer.bias is not None:
+                    layer.base_layer.bias.requires_grad_(True)
+
+    @property
+    def active_adapters(self) -> list[str]:
+        """``[active_adapter]`` (PEFT's plural form)."""
+        return [] if self.active_adapter is None else [self.active_adapter]
+
+    def set_adapter(self, adapter_name: str, inference_mode: bool = False) -> None:
+        """Make ``adapter_name`` the active adapter; like PEFT it becomes trainable unless ``inference_mode``.
+
+        Other adapters are frozen.  A merged model is unmerged first, with a warning.
+        """
+        self._check_known(adapter_name)
+        if any(getattr(m, "merged", False) for m in self._wrappers()):
+            warnings.warn("set_adapter on a merged model: unmerging first.")
+            self.unmerge_adapter()
+        for name in self.peft_config:
+            self._set_requires_grad(name, name == adapter_name and not inference_mode)
+        self._activate(adapter_name)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter everywhere; if it was active, the first remaining one becomes active."""
+        self._check_known(adapter_name)
+        for module in self._wrappers():
+            module.delete_adapter(adapter_name)
+        for module in list(self.model.modules()):
+            if isinstance(module, VBLoRALinear) and not module.adapters:
+                self._replace(module, module.base_layer)
+        del self.vblora_vector_bank[adapter_name]
+        del self.peft_config[adapter_name]
+        del self.storage_form[adapter_name]
+        self._placeholders.discard(adapter_name)
+        held = {n for n, m in self.model.named_modules() if isinstance(m, VBLoRALinear)}
+        self.targeted_module_names = [n for n in self.targeted_module_names if n in held]
+        if self.active_adapter == adapter_name:
+            self._activate(next(iter(self.peft_config), None))
+
+    @contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Run the base model alone inside the ``with`` block (a merged adapter is unmerged).
+
+        Example:
+            >>> with model.disable_adapter():  # doctest: +SKIP
+            ...     base_logits = model(input_ids).logits
+        """
+        wrappers = list(self._wrappers())
+        for module in wrappers:
+            module.disable_adapters = True
+        try:
+            yield
+        finally:
+            for module in wrappers:
+                module.disable_adapters = False
+
+    # -- merging and unloading -------------------------------------------------------------
+
+    def _layers(self) -> Iterator[VBLoRALinear]:
+        return (m for m in self.model.modules() if isinstance(m, VBLoRALinear))
+
+    def merge_adapter(self, safe_merge: bool = False) -> None:
+        """Merge the active adapter into the base weights (undo with :meth:`unmerge_adapter`)."""
+        if self.active_adapter is None:
+            raise AdapterStateError("no active adapter to merge; set_adapter() one first.")
+        for layer in self._layers():
+            if self.active_adapter in layer.r:
+                layer.merge(self.active_adapter, safe_merge=safe_merge)
+
+    def unmerge_adapter(self) -> None:
+        """Subtract every merged adapter from the base weights."""
+        for layer in self._layers():
+            layer.unmerge()
+
+    def _replace(self, module: nn.Module, new: nn.Module) -> None:
+        for key, candidate in self.model.named_modules():
+            if candidate is module:
+                parent, _, child = key.rpartition(".")
+                setattr(self.model.get_submodule(parent) if parent else self.model, child, new)
+                return
+
+    def _unload(self, merge: bool, safe_merge: bool = False) -> nn.Module:
+        if merge:
+            self.merge_adapter(safe_merge=safe_merge)
+        for module in list(self._wrappers()):
+            if isinstance(module, VBLoRALinear):
+                self._replace(module, module.base_layer)
+            elif isinstance(module, ModulesToSave):
+                self._replace(module, module.active_module)
+        return self.model
+
+    def merge_and_unload(self, safe_merge: bool = False) -> nn.Module:
+        """Merge the active adapter and return the base model itself, with no wrapper left.
+
+        Args:
+            safe_merge: Check every merged weight for NaN/inf before writing it.
+
+        Returns:
+            The original model object, its targeted weights updated; the
+            active adapter's ``modules_to_save`` copies take the originals' places.
+
+        Example:
+            >>> merged = model.merge_and_unload()  # doctest: +SKIP
+            >>> merged.save_pretrained("merged-model")  # doctest: +SKIP
+        """
+        return self._unload(merge=True, safe_merge=safe_merge)
+
+    def unload(self) -> nn.Module:
+        """Remove every wrapper without merging and return the base model."""
+        return self._unload(merge=False)
+
+    # -- saving and counting ------------------------------------------------------------------
+
+    def save_pretrained(
+        self,
+        save_directory: Union[str, Path],
+        save_only_topk_weights: Optional[bool] = None,
+        selected_adapters: Optional[list[str]] = None,
+    ) -> None:
+        """Save adapters in PEFT's layout: ``default`` at the root, others in sub-folders.
+
+        Args:
+            save_directory: The folder (created if missing).
+            save_only_topk_weights: Override each adapter's config (``True``
+                saves indices and weights only: small, inference only).
+            selected_adapters: Which adapters (default: all).
+
+        Example:
+            >>> model.save_pretrained("out", save_only_topk_weights=True)  # doctest: +SKIP
+        """
+        root = Path(save_directory)
+        for adapter in selected_adapters or list(self.peft_config):
+            self._check_known(adapter)
+            config = self.peft_config[adapter]
+            topk = config.save_only_topk_weights if save_only_topk_weights is None else save_only_topk_weights
+            if config.base_model_name_or_path is None:
+                name_or_path = getattr(getattr(self.model, "config", None), "name_or_path", None) or None
+            else:
+                name_or_path = config.base_model_name_or_path
+            saved = dataclasses.replace(
+                config, save_only_topk_weights=bool(topk), inference_mode=True, base_model_name_or_path=name_or_path
+            )
+            tensors = adapter_state_dict(self.model, self.vblora_vector_bank[adapter], adapter, saved, topk=topk)
+            write_adapter(root if adapter == "default" else root / adapter, saved, tensors)
+
+    def get_nb_savable_parameters(self, adapter: str = "default") -> tuple[int, int]:
+        """``(vblora_params, other_params)`` that saving ``adapter`` writes (float32-equivalent).
+
+        Unlike PEFT, which sums over every adapter, this counts ``adapter`` alone.
+        """
+        self._check_known(adapter)
+        bank = self.vblora_vector_bank[adapter]
+        return savable_parameter_counts(self.model, bank, adapter, self.peft_config[adapter])
+
+    def print_savable_parameters(self, adapter: Optional[str] = None) -> None:
+        """Print PEFT's line of savable parameters for ``adapter`` (default: the active one)."""
+        vblora, other = self.get_nb_savable_parameters(adapter or self.active_adapter)
+        print(
+            f"VB-LoRA params to-be-saved (float32-equivalent): {vblora:,d} "
+            f"|| total params to-be-saved: {vblora + other:,d}"
+        )
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """``(trainable, all)`` parameter counts, shared tensors counted once."""
+        params = list(self.parameters())
+        return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+    def print_trainable_parameters(self) -> None:
+        """Print PEFT's line: trainable params, all params, trainable%."""
+        trainable, total = self.get_nb_trainable_parameters()
+        print(
+            f"trainable params: {trainable:,d} || all params: {total:,d} || "
+            f"trainable%: {100 * trainable / total:.4f}"
+        )
+
+    # -- behaving like the wrapped model ----------------------------------------------------------
+
+    def get_base_model(self) -> nn.Module:
+        """The wrapped model (with its layers wrapped)."""
+        return self.model
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Call the wrapped model."""
+        return self.model(*args, **kwargs)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """The wrapped model's ``generate`` (transformers models)."""
+        return self.model.generate(*args, **kwargs)
+
+    def gradient_checkpointing_enable(self, **kwargs: Any) -> None:
+        """Enable the wrapped model's gradient checkpointing, keeping inputs differentiable.
+
+        With a frozen embedding the checkpointed blocks would see no input
+        requiring gradients; like PEFT, input gradients are switched on.
+        """
+        self.model.gradient_checkpointing_enable(**kwargs)
+        if hasattr(self.model, "enable_input_require_grads"):
+            self.model.enable_input_require_grads()
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)

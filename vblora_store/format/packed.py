@@ -1,0 +1,241 @@
+"""The packed form: one safetensors file, every index bit-packed, one tensor per kind.
+
+Specified byte by byte in docs/format.md ("The packed form").  In short::
+
+    vblora_packed.indices     uint8 (ceil(S·k·b / 8),)   all top-k indices, b = ceil(log2 N) bits each
+    vblora_packed.weights     (S, k - 1)                  all stored top-k weights
+    vblora_packed.bank        (N, L)                      the bank (int8 with a scale per vector, or float)
+    vblora_packed.bank_scale  float32 (N,)                only when the bank is int8
+    <other PEFT keys>                                     modules_to_save, biases: untouched
+
+Slots are laid out module by module in the order of the module table, side A
+``(r, in/L)`` then side B ``(out/L, r)``, each row-major.  The safetensors
+metadata makes the file self-describing (format, version, bit width, module
+table, dtypes).  Unpacking gives back PEFT's top-k tensors; with float32 weights
+and bank (the default) bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+from enum import Enum
+from typing import Iterable
+
+import torch
+
+from ..errors import InvalidAdapterError
+from .bitpack import bits_for, pack, packed_size, unpack
+from .keys import BANK_KEY, index_dtype, indices_key, parse_key, weights_key
+
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "WeightsDtype",
+    "BankDtype",
+    "is_packed",
+    "pack_topk",
+    "unpack_topk",
+]
+
+FORMAT_NAME = "vblora-packed"
+FORMAT_VERSION = "1"
+INDICES = "vblora_packed.indices"
+WEIGHTS = "vblora_packed.weights"
+BANK = "vblora_packed.bank"
+BANK_SCALE = "vblora_packed.bank_scale"
+_META = "vblora_store."
+_INT8_MAX = 127
+
+
+class WeightsDtype(str, Enum):
+    """How the packed form stores top-k weights.
+
+    Members:
+        FLOAT32: as PEFT stores them: lossless.
+        FLOAT16: half the bytes; about 3 significant digits.
+        BFLOAT16: half the bytes; about 2 significant digits, float32's range.
+    """
+
+    FLOAT32 = "float32"
+    FLOAT16 = "float16"
+    BFLOAT16 = "bfloat16"
+
+
+class BankDtype(str, Enum):
+    """How the packed form stores the vector bank.
+
+    Members:
+        FLOAT32: lossless.
+        FLOAT16: half the bytes.
+        BFLOAT16: half the bytes, float32's range.
+        INT8: a quarter of the bytes: each vector scaled by max|v| / 127 and rounded;
+            the scales are stored as float32 (N,).
+    """
+
+    FLOAT32 = "float32"
+    FLOAT16 = "float16"
+    BFLOAT16 = "bfloat16"
+    INT8 = "int8"
+
+
+def is_packed(metadata: dict | None) -> bool:
+    """Whether a safetensors header's metadata marks the packed form."""
+    return bool(metadata) and metadata.get(_META + "format") == FORMAT_NAME
+
+
+def _dtype(name: str) -> torch.dtype:
+    return getattr(torch, name)
+
+
+def _sides(modules: Iterable) -> Iterable[tuple[str, str]]:
+    for module in modules:
+        yield module.name, "A"
+        yield module.name, "B"
+
+
+def pack_topk(
+    modules: list,
+    tensors: dict[str, torch.Tensor],
+    *,
+    num_vectors: int,
+    topk: int,
+    weights_dtype: WeightsDtype = WeightsDtype.FLOAT32,
+    bank_dtype: BankDtype = BankDtype.FLOAT32,
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """PEFT top-k tensors -> packed tensors and metadata.
+
+    Args:
+        modules: ``ModuleShape``s in the order to lay them out.
+        tensors: PEFT's top-k state dict (indices, weights, bank, others).
+        num_vectors: N.
+        topk: k.
+        weights_dtype: How to store the weights.
+        bank_dtype: How to store the bank.
+
+    Returns:
+        ``(tensors, metadata)`` for ``safetensors.torch.save_file``.
+    """
+    weights_dtype, bank_dtype = WeightsDtype(weights_dtype), BankDtype(bank_dtype)
+    bits = bits_for(num_vectors)
+    sides = list(_sides(modules))
+    all_indices = torch.cat([tensors[indices_key(m, s)].reshape(-1) for m, s in sides])  # (S·k,)
+    weights = [tensors[weights_key(m, s)].reshape(-1, topk - 1) for m, s in sides]  # (..., k-1) -> (slots, k-1)
+    restore_weights = weights[0].dtype
+    bank = tensors[BANK_KEY]
+    out = {k: v for k, v in tensors.items() if k != BANK_KEY and parse_key(k) is None}
+    out[INDICES] = pack(all_indices, bits)
+    out[WEIGHTS] = torch.cat(weights).to(_dtype(weights_dtype.value))
+    if bank_dtype is BankDtype.INT8:
+        scale = bank.float().abs().amax(dim=1) / _INT8_MAX  # (N, L) -> (N,)
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        out[BANK] = torch.round(bank.float() / scale.unsqueeze(1)).clamp(-_INT8_MAX, _INT8_MAX).to(torch.int8)
+        out[BANK_SCALE] = scale
+    else:
+        out[BANK] = bank.to(_dtype(bank_dtype.value))
+    metadata = {
+        "format": "pt",
+        _META + "format": FORMAT_NAME,
+        _META + "version": FORMAT_VERSION,
+        _META + "index_bits": str(bits),
+        _META + "num_slots": str(out[WEIGHTS].shape[0]),
+        _META + "weights_dtype": weights_dtype.value,
+        _META + "bank_dtype": bank_dtype.value,
+        _META + "restore_weights_dtype": str(restore_weights).removeprefix("torch."),
+        _META + "restore_bank_dtype": str(bank.dtype).removeprefix("torch."),
+        _META + "modules": json.dumps([[m.name, m.in_features, m.out_features] for m in modules], separators=(",", ":")),
+    }
+    return out, metadata
+
+
+def unpack_topk(
+    tensors: dict[str, torch.Tensor], metadata: dict[str, str], *, r: int, num_vectors: int, vector_length: int,
+    topk: int, source: str,
+) -> tuple[list[tuple[str, int, int]], dict[str, torch.Tensor], dict[str, str]]:
+    """Packed tensors -> PEFT's top-k tensors.
+
+    Args:
+        tensors: The packed file's tensors.
+        metadata: Its safetensors metadata.
+        r, num_vectors, vector_length, topk: From the adapter's config.
+        source: The file, named in errors.
+
+    Returns:
+        ``(modules, tensors, info)``: the module table as ``(name, in, out)``,
+        PEFT's top-k state dict, and the stored dtypes (``weights_dtype``,
+        ``bank_dtype``, ``index_bits``).
+
+    Raises:
+        InvalidAdapterError: the metadata or a tensor does not fit the config.
+    """
+
+    def bad(message: str) -> InvalidAdapterError:
+        return InvalidAdapterError(f"{source}: packed form: {message}; the file is damaged or not ours, fetch it again.")
+
+    try:
+        version = metadata[_META + "version"]
+        bits = int(metadata[_META + "index_bits"])
+        table = json.loads(metadata[_META + "modules"])
+        weights_dtype = WeightsDtype(metadata[_META + "weights_dtype"])
+        bank_dtype = BankDtype(metadata[_META + "bank_dtype"])
+        restore_weights = WeightsDtype(metadata[_META + "restore_weights_dtype"])
+        restore_bank = WeightsDtype(metadata[_META + "restore_bank_dtype"])
+        modules = [(str(name), int(n_in), int(n_out)) for name, n_in, n_out in table]
+    except (KeyError, ValueError, TypeError) as e:
+        raise bad(f"metadata is incomplete or malformed ({type(e).__name__}: {e})") from e
+    if version != FORMAT_VERSION:
+        raise InvalidAdapterError(
+            f"{source}: packed format version {version}; this vblora_store reads version {FORMAT_VERSION}. "
+            "Upgrade vblora_store."
+        )
+    if bits != bits_for(num_vectors):
+        raise bad(f"index_bits is {bits} but num_vectors={num_vectors} needs {bits_for(num_vectors)}")
+    shapes = []
+    for name, n_in, n_out in modules:
+        if n_in <= 0 or n_out <= 0 or n_in % vector_length or n_out % vector_length:
+            raise bad(f"module {name!r} has features {n_in}x{n_out}, not positive multiples of {vector_length}")
+        shapes += [(name, "A", (r, n_in // vector_length)), (name, "B", (n_out // vector_length, r))]
+    slots = sum(a * b for _, _, (a, b) in shapes)
+    expected = {
+        INDICES: (torch.uint8, (packed_size(slots * topk, bits),)),
+        WEIGHTS: (_dtype(weights_dtype.value), (slots, topk - 1)),
+        BANK: (_dtype(bank_dtype.value), (num_vectors, vector_length)),
+    }
+    if bank_dtype is BankDtype.INT8:
+        expected[BANK_SCALE] = (torch.float32, (num_vectors,))
+    for key, (dtype, shape) in expected.items():
+        value = tensors.get(key)
+        if value is None or value.dtype != dtype or tuple(value.shape) != shape:
+            found = "missing" if value is None else f"{value.dtype} {list(value.shape)}"
+            raise bad(f"tensor {key!r} is {found}, expected {dtype} {list(shape)}")
+
+    indices = unpack(tensors[INDICES], bits, slots * topk).to(index_dtype(num_vectors))  # (S·k,)
+    weights = tensors[WEIGHTS].to(_dtype(restore_weights.value))  # (S, k-1)
+    if weights_dtype.value != restore_weights.value:
+        weights = _fit_simplex(weights)
+    if bank_dtype is BankDtype.INT8:
+        bank = tensors[BANK].float() * tensors[BANK_SCALE].unsqueeze(1)  # (N, L) * (N, 1)
+    else:
+        bank = tensors[BANK]
+    out = {k: v for k, v in tensors.items() if not k.startswith("vblora_packed.")}
+    out[BANK_KEY] = bank.to(_dtype(restore_bank.value))
+    slot = 0
+    for name, side, (rows, cols) in shapes:
+        n = rows * cols
+        out[indices_key(name, side)] = indices[slot * topk : (slot + n) * topk].reshape(rows, cols, topk)  # (n·k,) -> (rows, cols, k)
+        out[weights_key(name, side)] = weights[slot : slot + n].reshape(rows, cols, topk - 1)  # (n, k-1) -> (rows, cols, k-1)
+        slot += n
+    info = {"weights_dtype": weights_dtype.value, "bank_dtype": bank_dtype.value, "index_bits": str(bits)}
+    return modules, out, info
+
+
+def _fit_simplex(weights: torch.Tensor) -> torch.Tensor:
+    """Lossy weights back on PEFT's simplex: non-negative, summing below one.
+
+    Rounding can push ``sum(w) >= 1``, which would make PEFT's recovered last
+    weight ``1 - sum`` negative and its logit ``log`` of it NaN; such rows are
+    scaled just below one, in float64, then cast back.
+    """
+    w = weights.double().clamp(min=0)
+    total = w.sum(-1, keepdim=True)
+    w = torch.where(total >= 1, w / total * (1 - 1e-6), w)
+    return w.to(weights.dtype)

@@ -1,0 +1,141 @@
+"""Comparing two adapters by what they do: ΔW = B·A of every module, no base model.
+
+A full adapter's factors are built as PEFT's forward builds them (top-k of the
+logits, softmax); a top-k or packed adapter's from its indices and weights,
+the last weight recovered as ``1 - sum``.  Errors are measured in float64 so
+the comparison adds no rounding of its own.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Iterator, Optional
+
+import torch
+
+from .errors import InvalidAdapterError
+from .format.keys import BANK_KEY, indices_key, logits_key, weights_key
+from .format.peft import StoredAdapter
+from .topk import complete_weights, compose, delta_weight
+
+__all__ = ["ModuleError", "Verification", "module_factors", "verify_adapters", "render"]
+
+
+@dataclass(frozen=True)
+class ModuleError:
+    """How far one module's ΔW of adapter B is from adapter A's."""
+
+    module: str
+    max_abs_error: float
+    rel_error: float  # ||ΔW_B - ΔW_A||_F / ||ΔW_A||_F
+
+
+@dataclass
+class Verification:
+    """Per-module errors of one adapter pair, and the overall maxima."""
+
+    adapter_name: str
+    modules: list[ModuleError] = field(default_factory=list)
+
+    @property
+    def max_abs_error(self) -> float:
+        return max((m.max_abs_error for m in self.modules), default=0.0)
+
+    @property
+    def max_rel_error(self) -> float:
+        return max((m.rel_error for m in self.modules), default=0.0)
+
+
+def module_factors(
+    adapter: StoredAdapter, modules: Optional[list[str]] = None, *, dtype: torch.dtype = torch.float64
+) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+    """Yield ``(module, A (r, in), B (out, r))`` for the modules of ``adapter``.
+
+    Args:
+        adapter: Any stored form.
+        modules: Module names, in the order wanted; all of the adapter's by default.
+        dtype: The dtype to compute in.
+
+    Returns:
+        An iterator; one module's tensors are read at a time.
+    """
+    bank = adapter.tensor(BANK_KEY).to(dtype)
+    k = adapter.config.topk
+    for module in adapter.modules if modules is None else modules:
+        sides = {}
+        for side in ("A", "B"):
+            if adapter.form.has_logits:
+                top, indices = adapter.tensor(logits_key(module, side)).to(dtype).topk(k)
+                weights = torch.softmax(top, dim=-1)
+            else:
+                indices = adapter.tensor(indices_key(module, side))
+                weights = complete_weights(adapter.tensor(weights_key(module, side)).to(dtype))
+            sides[side] = compose(indices, weights, bank)
+        r = sides["A"].shape[0]
+        a = sides["A"].reshape(r, -1)  # (r, in/L, L) -> (r, in)
+        b = sides["B"].transpose(1, 2).reshape(-1, r)  # (out/L, r, L) -> (out/L, L, r) -> (out, r)
+        yield module, a, b
+
+
+def verify_adapters(reference: StoredAdapter, candidate: StoredAdapter) -> Verification:
+    """Compare ``candidate``'s ΔW with ``reference``'s, module by module.
+
+    Args:
+        reference: Adapter A, the reference (relative errors divide by its norm).
+        candidate: Adapter B.
+
+    Returns:
+        The :class:`Verification`.
+
+    Raises:
+        InvalidAdapterError: the two adapt different modules or shapes.
+
+    Example:
+        >>> v = verify_adapters(read_adapter("full"), read_adapter("packed"))  # doctest: +SKIP
+        >>> v.max_rel_error < 1e-6  # doctest: +SKIP
+        True
+    """
+    if reference.modules != candidate.modules:
+        only_ref = sorted(set(reference.modules) - set(candidate.modules))[:3]
+        only_cand = sorted(set(candidate.modules) - set(reference.modules))[:3]
+        detail = f"only in the first: {only_ref}, only in the second: {only_cand}"
+        if not only_ref and not only_cand:
+            detail = "the same modules have different in/out features"
+        raise InvalidAdapterError(
+            f"{candidate.weights_path}: does not adapt the same modules as {reference.weights_path} ({detail}); "
+            "compare two forms of one adapter."
+        )
+    result = Verification(reference.name)
+    order = list(reference.modules)
+    fan_in_fan_out = reference.config.fan_in_fan_out
+    for (module, a_ref, b_ref), (_, a_cand, b_cand) in zip(
+        module_factors(reference, order), module_factors(candidate, order)
+    ):
+        ref = delta_weight(a_ref, b_ref, fan_in_fan_out=fan_in_fan_out)
+        diff = delta_weight(a_cand, b_cand, fan_in_fan_out=fan_in_fan_out) - ref
+        norm = float(torch.linalg.matrix_norm(ref))
+        diff_norm = float(torch.linalg.matrix_norm(diff))
+        rel = diff_norm / norm if norm > 0 else (0.0 if diff_norm == 0 else math.inf)
+        result.modules.append(ModuleError(module, float(diff.abs().max()), rel))
+    return result
+
+
+def render(verifications: list[Verification], *, tol: float, as_json: bool) -> str:
+    """Text or JSON (``{"modules", "max_abs_error", "max_rel_error", ...}``) for the command line."""
+    max_abs = max((v.max_abs_error for v in verifications), default=0.0)
+    max_rel = max((v.max_rel_error for v in verifications), default=0.0)
+    if as_json:
+        modules = [dict(vars(m), adapter_name=v.adapter_name) for v in verifications for m in v.modules]
+        payload = {"modules": modules, "max_abs_error": max_abs, "max_rel_error": max_rel, "tol": tol}
+        payload["passed"] = max_rel <= tol
+        return json.dumps(payload, indent=2)
+    lines = []
+    for v in verifications:
+        width = max((len(m.module) for m in v.modules), default=0)
+        lines.append(f"[{v.adapter_name}] {len(v.modules)} modules")
+        lines += [f"  {m.module:<{width}}  max abs {m.max_abs_error:.3e}  rel {m.rel_error:.3e}" for m in v.modules]
+    verdict = "ok" if max_rel <= tol else "FAIL"
+    lines.append(f"{verdict}: max abs error {max_abs:.3e}, max relative error {max_rel:.3e} (tol {tol:g})")
+    return "\n".join(lines)
