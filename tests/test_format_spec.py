@@ -5,6 +5,7 @@ import re
 import struct
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import save_file
 
@@ -33,17 +34,37 @@ def _example_full_adapter(folder: Path) -> None:
     save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
 
 
-def test_topk_example_bytes_match_the_spec(tmp_path):
-    """convert writes exactly the bytes docs/format.md spells out."""
-    _example_full_adapter(tmp_path / "full")
-    convert(tmp_path / "full", tmp_path / "topk")
-    written = (tmp_path / "topk" / "adapter_model.safetensors").read_bytes()
+def _golden_file(example: str) -> bytes:
+    """The whole file a worked example spells out: length, padded header, data."""
+    length = int(_golden(f"{example}:header-length"))
+    header = _golden(f"{example}:header").encode()
+    data = bytes.fromhex(_golden(f"{example}:data").replace("\n", " "))
+    return struct.pack("<Q", length) + header.ljust(length, b" ") + data
 
-    length = int(_golden("topk-example:header-length"))
-    header = _golden("topk-example:header").encode()
-    data = bytes.fromhex(_golden("topk-example:data").replace("\n", " "))
-    expected = struct.pack("<Q", length) + header.ljust(length, b" ") + data
-    assert written == expected
+
+@pytest.mark.parametrize("form", ["topk", "packed"])
+def test_worked_example_bytes_match_the_spec(tmp_path, form):
+    """convert writes exactly the bytes docs/format.md spells out, for each form we write."""
+    _example_full_adapter(tmp_path / "full")
+    convert(tmp_path / "full", tmp_path / form, to=form)
+    written = (tmp_path / form / "adapter_model.safetensors").read_bytes()
+    assert written == _golden_file(f"{form}-example")
+
+
+def test_packed_example_unpacks_to_the_topk_example(tmp_path):
+    """The packed example converts back to the top-k example, byte for byte (lossless)."""
+    _example_full_adapter(tmp_path / "full")
+    convert(tmp_path / "full", tmp_path / "packed", to="packed")
+    convert(tmp_path / "packed", tmp_path / "topk", to="topk")
+    assert (tmp_path / "topk" / "adapter_model.safetensors").read_bytes() == _golden_file("topk-example")
+
+
+def test_packed_example_indices_are_the_hand_packed_bits():
+    """Indices 0 2 2 1 1 0 at 2 bits, LSB first: 00 01 01 10 | 10 00 -> 0x68 0x01."""
+    data = bytes.fromhex(_golden("packed-example:data").replace("\n", " "))
+    stream = "".join(format(byte, "08b")[::-1] for byte in data[36:])  # LSB-first bit string
+    values = [int(stream[i : i + 2][::-1], 2) for i in range(0, 12, 2)]
+    assert values == [0, 2, 2, 1, 1, 0]
 
 
 def test_topk_example_values_are_the_hand_derived_ones():

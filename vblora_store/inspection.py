@@ -24,7 +24,7 @@ CONFIG_ESSENTIALS = (
 
 
 def describe(adapter: StoredAdapter) -> dict:
-    """A JSON-ready description of one stored adapter, from its header alone.
+    """A JSON-ready description of one stored adapter: the tensors as the file stores them.
 
     Example:
         >>> describe(read_adapters("fixtures/tiny-llama-vblora")[0])["form"]  # doctest: +SKIP
@@ -40,8 +40,9 @@ def describe(adapter: StoredAdapter) -> dict:
         "modules": [vars(m) for m in adapter.modules.values()],
         "tensors": [
             {"key": key, "dtype": str(spec.dtype).removeprefix("torch."), "shape": list(spec.shape), "bytes": spec.nbytes}
-            for key, spec in adapter.specs.items()
+            for key, spec in adapter.stored_specs.items()
         ],
+        "packing": dict(adapter.packing),
     }
 
 

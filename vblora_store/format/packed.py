@@ -43,7 +43,9 @@ INDICES = "vblora_packed.indices"
 WEIGHTS = "vblora_packed.weights"
 BANK = "vblora_packed.bank"
 BANK_SCALE = "vblora_packed.bank_scale"
-_META = "vblora_store."
+# One metadata key holding canonical JSON: safetensors writes metadata keys in
+# hash order, so several keys would make the bytes differ from run to run.
+METADATA_KEY = "vblora_store.packed"
 _INT8_MAX = 127
 
 
@@ -80,7 +82,7 @@ class BankDtype(str, Enum):
 
 def is_packed(metadata: dict | None) -> bool:
     """Whether a safetensors header's metadata marks the packed form."""
-    return bool(metadata) and metadata.get(_META + "format") == FORMAT_NAME
+    return bool(metadata) and METADATA_KEY in metadata
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -132,18 +134,18 @@ def pack_topk(
         out[BANK_SCALE] = scale
     else:
         out[BANK] = bank.to(_dtype(bank_dtype.value))
-    metadata = {
-        "format": "pt",
-        _META + "format": FORMAT_NAME,
-        _META + "version": FORMAT_VERSION,
-        _META + "index_bits": str(bits),
-        _META + "num_slots": str(out[WEIGHTS].shape[0]),
-        _META + "weights_dtype": weights_dtype.value,
-        _META + "bank_dtype": bank_dtype.value,
-        _META + "restore_weights_dtype": str(restore_weights).removeprefix("torch."),
-        _META + "restore_bank_dtype": str(bank.dtype).removeprefix("torch."),
-        _META + "modules": json.dumps([[m.name, m.in_features, m.out_features] for m in modules], separators=(",", ":")),
+    description = {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "index_bits": bits,
+        "num_slots": out[WEIGHTS].shape[0],
+        "weights_dtype": weights_dtype.value,
+        "bank_dtype": bank_dtype.value,
+        "restore_weights_dtype": str(restore_weights).removeprefix("torch."),
+        "restore_bank_dtype": str(bank.dtype).removeprefix("torch."),
+        "modules": [[m.name, m.in_features, m.out_features] for m in modules],
     }
+    metadata = {METADATA_KEY: json.dumps(description, sort_keys=True, separators=(",", ":"))}
     return out, metadata
 
 
@@ -172,14 +174,16 @@ def unpack_topk(
         return InvalidAdapterError(f"{source}: packed form: {message}; the file is damaged or not ours, fetch it again.")
 
     try:
-        version = metadata[_META + "version"]
-        bits = int(metadata[_META + "index_bits"])
-        table = json.loads(metadata[_META + "modules"])
-        weights_dtype = WeightsDtype(metadata[_META + "weights_dtype"])
-        bank_dtype = BankDtype(metadata[_META + "bank_dtype"])
-        restore_weights = WeightsDtype(metadata[_META + "restore_weights_dtype"])
-        restore_bank = WeightsDtype(metadata[_META + "restore_bank_dtype"])
-        modules = [(str(name), int(n_in), int(n_out)) for name, n_in, n_out in table]
+        description = json.loads(metadata[METADATA_KEY])
+        if description["format"] != FORMAT_NAME:
+            raise ValueError(f"format is {description['format']!r}")
+        version = description["version"]
+        bits = int(description["index_bits"])
+        weights_dtype = WeightsDtype(description["weights_dtype"])
+        bank_dtype = BankDtype(description["bank_dtype"])
+        restore_weights = WeightsDtype(description["restore_weights_dtype"])
+        restore_bank = WeightsDtype(description["restore_bank_dtype"])
+        modules = [(str(name), int(n_in), int(n_out)) for name, n_in, n_out in description["modules"]]
     except (KeyError, ValueError, TypeError) as e:
         raise bad(f"metadata is incomplete or malformed ({type(e).__name__}: {e})") from e
     if version != FORMAT_VERSION:

@@ -184,7 +184,8 @@ def check_tensor_values(adapter: StoredAdapter, key: str, value: torch.Tensor) -
         if value.numel() and (int(value.min()) < 0 or int(value.max()) >= n):
             raise InvalidAdapterError(
                 f"{adapter.weights_path}: tensor {key!r} holds indices outside [0, {n}); "
-                "the file does not match num_vectors in its config."
+                "the file does not match num_vectors in its config; restore the file or its config from the "
+                "source."
             )
 
 
@@ -330,7 +331,8 @@ def _validate_layout(adapter: StoredAdapter) -> tuple[StorageForm, dict[str, Mod
     if bank.shape != (n, length) or not bank.dtype.is_floating_point:
         raise bad(
             f"{BANK_KEY!r} is {_describe(bank)}, expected float (num_vectors={n}, vector_length={length}) "
-            "as the config says; the config does not belong to these weights."
+            "as the config says; the config does not belong to these weights; restore the "
+            "adapter_config.json saved with them."
         )
 
     parts_by_module: dict[str, dict[tuple[str, str], TensorSpec]] = {}
@@ -369,7 +371,8 @@ def _validate_layout(adapter: StoredAdapter) -> tuple[StorageForm, dict[str, Mod
             if len(spec.shape) != 3 or spec.shape[-1] != last[part] or 0 in spec.shape[:2]:
                 raise bad(
                     f"module {module!r} side {side} {part} is {_describe(spec)}, expected 3 dims ending in "
-                    f"{last[part]} (num_vectors={n}, topk={k}); the config does not belong to these weights."
+                    f"{last[part]} (num_vectors={n}, topk={k}); the config does not belong to these weights; "
+                    "restore the adapter_config.json saved with them."
                 )
             if is_index == spec.dtype.is_floating_point or spec.dtype is torch.bool:
                 kind = "an integer" if is_index else "a float"
@@ -379,7 +382,7 @@ def _validate_layout(adapter: StoredAdapter) -> tuple[StorageForm, dict[str, Mod
         if a[0] != r or b[1] != r:
             raise bad(
                 f"module {module!r} has rank {a[0]} (A) and {b[1]} (B) but the config says r={r}; "
-                "the config does not belong to these weights."
+                "the config does not belong to these weights; restore the adapter_config.json saved with them."
             )
         for part in wanted[1:]:
             if found[("A", part)].shape[:2] != a[:2] or found[("B", part)].shape[:2] != b[:2]:
