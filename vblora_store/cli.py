@@ -21,6 +21,7 @@ from .format.packed import BankDtype, WeightsDtype
 from .inspection import describe, render_json, render_text
 from .report import ReportFormat, build_report
 from .verify import render as render_verification
+from .usage import bank_usage, plot_usage
 from .verify import verify_adapters
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT = 0, 1, 2
@@ -115,10 +116,22 @@ def convert_cmd(src: str, dst: str, to: str, force: bool, weights_dtype: str, ba
     type=click.FloatRange(min=0),
     help="Exit 1 if an adapter stores less than X times fewer parameters than a rank-r LoRA.",
 )
-def report_cmd(paths: tuple[str, ...], fmt: str, max_bytes: Optional[int], min_compression: Optional[float]) -> None:
+@click.option(
+    "--plot",
+    type=click.Path(dir_okay=False, path_type=str),
+    help="Also write a PNG of bank-vector usage (needs the 'plot' extra: matplotlib).",
+)
+def report_cmd(
+    paths: tuple[str, ...], fmt: str, max_bytes: Optional[int], min_compression: Optional[float], plot: Optional[str]
+) -> None:
     """Report sizes and float32-equivalent parameter counts of the adapters in PATHS."""
-    accounts = [account(a) for path in paths for a in read_adapters(path)]
-    report = build_report(accounts, max_bytes=max_bytes, min_compression=min_compression)
+    adapters = [a for path in paths for a in read_adapters(path)]
+    report = build_report([account(a) for a in adapters], max_bytes=max_bytes, min_compression=min_compression)
+    if plot:
+        usages = [bank_usage(a) for a in adapters]
+        plot_usage(usages, plot)
+        for usage in usages:
+            click.echo(f"{usage.adapter}: {len(usage.unused)} of {len(usage.counts)} bank vectors unused", err=True)
     click.echo(report.render(ReportFormat(fmt)))
     sys.exit(report.exit_code)
 

@@ -17,7 +17,7 @@ from typing import Iterator, Union
 
 from ..errors import DestinationExistsError
 
-__all__ = ["TMP_PREFIX", "check_destination", "atomic_folder"]
+__all__ = ["TMP_PREFIX", "check_destination", "atomic_folder", "atomic_file"]
 
 TMP_PREFIX = ".vblora-store-tmp-"
 
@@ -73,6 +73,31 @@ def atomic_folder(dst: Union[str, Path], *, force: bool = False) -> Iterator[Pat
     finally:
         if work.exists():
             shutil.rmtree(work, ignore_errors=True)
+
+
+@contextmanager
+def atomic_file(dst: Union[str, Path]) -> Iterator[Path]:
+    """Yield a temporary path beside ``dst``; on a clean exit it replaces ``dst``.
+
+    Example:
+        >>> with atomic_file("usage.png") as tmp:  # doctest: +SKIP
+        ...     figure.savefig(tmp)
+    """
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{dst.name}-", suffix=dst.suffix, dir=dst.parent)
+    os.close(fd)
+    work = Path(name)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(work, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
+    try:
+        yield work
+        with open(work, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(work, dst)
+    finally:
+        work.unlink(missing_ok=True)
 
 
 def _fsync_tree(folder: Path) -> None:
