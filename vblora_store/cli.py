@@ -8,6 +8,7 @@ Exit codes:
 
 from __future__ import annotations
 
+import functools
 import sys
 import traceback
 from typing import Optional
@@ -18,11 +19,14 @@ from .accounting import account
 from .errors import InvalidAdapterError, VBLoRAStoreError
 from .format import StorageForm, convert, read_adapters
 from .format.packed import BankDtype, WeightsDtype
+from .hub import push, resolve_source
 from .inspection import describe, render_json, render_text
 from .report import ReportFormat, build_report
 from .verify import render as render_verification
 from .usage import bank_usage, plot_usage
 from .verify import verify_adapters
+from .export import export_lora
+from .merge import MergeDtype, merge
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -59,7 +63,35 @@ def main(ctx: click.Context, debug: bool) -> None:
     ctx.obj = {"debug": debug}
 
 
+def _sources(*names: str):
+    """Let the arguments ``names`` be Hub repo ids too: add ``--revision`` and ``--subfolder``.
+
+    Each value is replaced by the local folder :func:`vblora_store.hub.resolve_source` gives
+    (a local path that exists wins; a repo id is downloaded, adapter files only).
+    """
+
+    def decorate(command):
+        @functools.wraps(command)
+        def wrapper(*args, revision: Optional[str], subfolder: Optional[str], **kwargs):
+            resolve = functools.partial(resolve_source, revision=revision, subfolder=subfolder)
+            for name in names:
+                value = kwargs[name]
+                kwargs[name] = tuple(map(resolve, value)) if isinstance(value, tuple) else resolve(value)
+            return command(*args, **kwargs)
+
+        wrapper.__doc__ = (
+            f"{command.__doc__}\n\n{'/'.join(n.upper() for n in names)} may also be a Hub repo id "
+            "(namespace/name); a local path that exists wins."
+        )
+        subfolder_help = "The adapter's folder inside each source (repo or local)."
+        wrapper = click.option("--subfolder", help=subfolder_help)(wrapper)
+        return click.option("--revision", help="Branch, tag or commit of Hub repo sources  [default: main]")(wrapper)
+
+    return decorate
+
+
 @main.command("inspect")
+@_sources("path")
 @click.argument("path", type=click.Path(path_type=str))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 def inspect_cmd(path: str, as_json: bool) -> None:
@@ -69,6 +101,7 @@ def inspect_cmd(path: str, as_json: bool) -> None:
 
 
 @main.command("convert")
+@_sources("src")
 @click.argument("src", type=click.Path(path_type=str))
 @click.argument("dst", type=click.Path(path_type=str))
 @click.option(
@@ -102,6 +135,7 @@ def convert_cmd(src: str, dst: str, to: str, force: bool, weights_dtype: str, ba
 
 
 @main.command("report")
+@_sources("paths")
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=str))
 @click.option(
     "--format",
@@ -137,6 +171,7 @@ def report_cmd(
 
 
 @main.command("verify")
+@_sources("a", "b")
 @click.argument("a", type=click.Path(path_type=str))
 @click.argument("b", type=click.Path(path_type=str))
 @click.option("--tol", type=click.FloatRange(min=0), default=1e-6, show_default=True, help="Largest relative error allowed.")
@@ -152,3 +187,69 @@ def verify_cmd(a: str, b: str, tol: float, fmt: str) -> None:
     verifications = [verify_adapters(first[name], second[name]) for name in first]
     click.echo(render_verification(verifications, tol=tol, as_json=fmt == "json"))
     sys.exit(EXIT_OK if max(v.max_rel_error for v in verifications) <= tol else EXIT_CHECK_FAILED)
+
+
+@main.command("push")
+@click.argument("path", type=click.Path(path_type=str))
+@click.argument("repo_id")
+@click.option(
+    "--to",
+    type=click.Choice([StorageForm.TOPK.value, StorageForm.PACKED.value]),
+    help="Convert first, in a temporary folder (PATH is only read)  [default: push as stored]",
+)
+@click.option("--private", is_flag=True, help="Create the repo private (an existing repo keeps its visibility).")
+@click.option("--revision", help="Branch to push to; created from main if missing.")
+@click.option("--commit-message", help="Commit message  [default: one naming the storage forms]")
+@click.option("--create-pr", is_flag=True, help="Open a pull request instead of committing to the branch.")
+def push_cmd(
+    path: str,
+    repo_id: str,
+    to: Optional[str],
+    private: bool,
+    revision: Optional[str],
+    commit_message: Optional[str],
+    create_pr: bool,
+) -> None:
+    """Upload the adapters in PATH to the Hub repo REPO_ID with a model card; print the commit URL.
+
+    The commit holds README.md (the card: compression report, how to load) and each adapter's
+    adapter_config.json and weights file. The token comes from HF_TOKEN or `hf auth login`, the
+    endpoint from HF_ENDPOINT; the token is never printed.
+    """
+    url = push(
+        path, repo_id, to=to, private=private, revision=revision, commit_message=commit_message, create_pr=create_pr
+    )
+    click.echo(url)
+
+
+@main.command("export-lora")
+@click.argument("src", type=click.Path(path_type=str))
+@click.argument("dst", type=click.Path(path_type=str))
+@click.option("--force", is_flag=True, help="Replace DST if it exists.")
+def export_lora_cmd(src: str, dst: str, force: bool) -> None:
+    """Write the adapters in SRC (any form) as PEFT LoRA adapters of the same rank into DST: exact, no base model."""
+    adapters = export_lora(src, dst, force=force)
+    for adapter in adapters:
+        click.echo(f"{adapter.name}: {len(adapter.modules)} modules, r={adapter.config.r}, lora_alpha={adapter.config.r}")
+    click.echo(f"wrote {dst}")
+
+
+@main.command("merge")
+@click.argument("base_dir", type=click.Path(path_type=str))
+@click.argument("adapter", type=click.Path(path_type=str))
+@click.argument("out", type=click.Path(path_type=str))
+@click.option(
+    "--dtype",
+    type=click.Choice([d.value for d in MergeDtype]),
+    default=MergeDtype.AUTO.value,
+    show_default=True,
+    help="Dtype of the merged weights; auto keeps the base checkpoint's.",
+)
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+def merge_cmd(base_dir: str, adapter: str, out: str, dtype: str, force: bool) -> None:
+    """Merge the adapter in ADAPTER into the safetensors checkpoint BASE_DIR, writing the checkpoint OUT."""
+    summary = merge(base_dir, adapter, out, dtype=dtype, force=force)
+    click.echo(
+        f"merged {summary.merged_modules} modules, replaced {summary.replaced_tensors} tensors, "
+        f"{summary.shards} shard(s): wrote {out}"
+    )

@@ -94,7 +94,8 @@ class VBLoRAConfig:
         if str(self.peft_type).upper() != PEFT_TYPE:
             raise InvalidConfigError(
                 f"{source}: peft_type is {self.peft_type!r}, not 'VBLORA'; "
-                "vblora_store reads VB-LoRA adapters only."
+                "vblora_store reads VB-LoRA adapters only; point it at a folder saved from a PEFT "
+                "VBLoRAConfig."
             )
         for name in ("r", "num_vectors", "vector_length", "topk"):
             value = getattr(self, name)

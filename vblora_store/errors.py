@@ -18,6 +18,8 @@ __all__ = [
     "DestinationExistsError",
     "TargetingError",
     "AdapterStateError",
+    "CheckpointNotFoundError",
+    "InvalidCheckpointError",
 ]
 
 
@@ -51,3 +53,31 @@ class TargetingError(VBLoRAStoreError, ValueError):
 
 class AdapterStateError(VBLoRAStoreError, RuntimeError):
     """An operation that the adapter's current state does not allow."""
+
+
+class CheckpointNotFoundError(VBLoRAStoreError, FileNotFoundError):
+    """A base-model checkpoint folder is missing, or holds no safetensors weights."""
+
+
+class InvalidCheckpointError(VBLoRAStoreError, ValueError):
+    """A base-model checkpoint's files are unreadable or disagree with each other."""
+
+
+class HubError(VBLoRAStoreError):
+    """The Hugging Face Hub refused or failed a request (the base of every Hub error)."""
+
+
+class InvalidRepoIdError(HubError, ValueError):
+    """A string that should be a Hub repo id (``namespace/name``) is not one."""
+
+
+class HubAuthError(HubError, PermissionError):
+    """No token, a token the Hub rejected, or a token without the access needed."""
+
+
+class HubNotFoundError(HubError, AdapterNotFoundError):
+    """The repo, the revision, or an adapter file in it does not exist (or is not visible)."""
+
+
+class HubConnectionError(HubError, ConnectionError):
+    """The Hub endpoint cannot be reached, and the files are not in the local cache."""
