@@ -5,10 +5,18 @@ in a sub-folder named after it, each as ``adapter_config.json`` plus
 ``adapter_model.safetensors`` (or ``adapter_model.bin``).  Reading parses the
 config and the safetensors header only; tensors are read one at a time, on
 demand, through safetensors' memory-mapped reader.
+
+Files come from strangers, so nothing is trusted: a symbolic link leading
+outside its adapter folder is not followed (huggingface_hub's cache, whose
+snapshot files link to its ``blobs`` folder, excepted); ``.bin`` pickles load
+only through ``torch.load(weights_only=True)``, and only when the zip archive's
+declared sizes fit in the file; every tensor's dtype and shape is checked
+against the config before any value is read.
 """
 
 from __future__ import annotations
 
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional, Union
@@ -17,7 +25,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from ..config import CONFIG_NAME, VBLoRAConfig
-from ..errors import AdapterNotFoundError, InvalidAdapterError
+from ..errors import AdapterNotFoundError, InvalidAdapterError, UnsafePathError
 from .packed import is_packed, unpack_topk
 from .keys import (
     BANK_KEY,
@@ -196,7 +204,8 @@ def find_adapter_folders(path: Union[str, Path]) -> list[tuple[str, Path]]:
     """The ``(adapter_name, folder)`` pairs PEFT's layout puts under ``path``.
 
     The root is ``default``; each immediate sub-folder with an
-    ``adapter_config.json`` is the adapter of that name.
+    ``adapter_config.json`` is the adapter of that name.  Hidden sub-folders,
+    and sub-folders that are symbolic links leading outside ``path``, are skipped.
 
     Raises:
         AdapterNotFoundError: ``path`` is missing or holds no adapter.
@@ -210,6 +219,8 @@ def find_adapter_folders(path: Union[str, Path]) -> list[tuple[str, Path]]:
     if (root / CONFIG_NAME).is_file():
         found.append(("default", root))
     for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if sub.is_symlink() and not _is_within(sub.resolve(), root.resolve()):
+            continue
         if (sub / CONFIG_NAME).is_file():
             found.append((sub.name, sub))
     if not found:
@@ -250,10 +261,13 @@ def read_adapter(folder: Union[str, Path], *, name: str = "default") -> StoredAd
         AdapterNotFoundError: a file is missing.
         InvalidConfigError: the config is not a usable VB-LoRA config.
         InvalidAdapterError: the weights do not fit the config.
+        UnsafePathError: a file is a symbolic link leading outside ``folder``.
     """
     folder = Path(folder)
-    config = VBLoRAConfig.from_pretrained(folder)
     st_path, bin_path = folder / WEIGHTS_NAME, folder / WEIGHTS_NAME_BIN
+    for file in (folder / CONFIG_NAME, st_path, bin_path):
+        _check_link(file, folder)
+    config = VBLoRAConfig.from_pretrained(folder)
     if st_path.is_file():
         specs, reader, metadata = _open_safetensors(st_path)
         if is_packed(metadata):
@@ -301,6 +315,7 @@ def _read_packed(folder, name, config, path, stored_specs, reader, metadata) -> 
 
 
 def _open_bin(path: Path):
+    _check_zip_sizes(path)
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # pickle and zip errors come in many types
@@ -312,6 +327,59 @@ def _open_bin(path: Path):
         raise InvalidAdapterError(f"{path}: does not hold a dictionary of tensors; it is not a PEFT adapter.")
     specs = {k: TensorSpec(v.dtype, tuple(v.shape)) for k, v in state.items()}
     return specs, state.__getitem__
+
+
+def _check_zip_sizes(path: Path) -> None:
+    """Refuse a ``.bin`` that is not a ``torch.save`` zip archive whose entries fit in the file.
+
+    torch's reader allocates each entry's declared size before reading it, so a
+    forged size would drive an allocation the file cannot back; ``torch.save``
+    stores entries uncompressed, so their sizes can never exceed the file's.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            entries = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+        raise InvalidAdapterError(
+            f"{path}: not a torch.save zip archive ({e}); re-save it with torch.save or as safetensors."
+        ) from e
+    declared = sum(e.file_size for e in entries)
+    if declared > path.stat().st_size or any(e.compress_type != zipfile.ZIP_STORED for e in entries):
+        raise InvalidAdapterError(
+            f"{path}: its zip entries declare {declared:,} bytes (or compression) that the file cannot hold; "
+            "the file is damaged or forged, fetch it again."
+        )
+
+
+# -- links ------------------------------------------------------------------------
+
+
+def _is_within(target: Path, folder: Path) -> bool:
+    """Whether the resolved ``target`` is ``folder`` or lies under it."""
+    return target == folder or folder in target.parents
+
+
+def _check_link(file: Path, folder: Path) -> None:
+    """Refuse ``file`` if it is a symbolic link whose target lies outside ``folder``.
+
+    A huggingface_hub cache snapshot (``<repo>/snapshots/<rev>/...``) links each
+    file to ``<repo>/blobs``; targets there are allowed.
+    """
+    if not file.is_symlink():
+        return
+    base, target = folder.resolve(), file.resolve()
+    if _is_within(target, base):
+        return
+    for snapshot in (base, *base.parents):
+        blobs = snapshot.parent.parent / "blobs"
+        if snapshot.parent.name == "snapshots" and blobs.is_dir() and not blobs.is_symlink():
+            if _is_within(target, blobs):
+                return
+            break
+    raise UnsafePathError(
+        f"{file}: is a symbolic link to {target}, outside the adapter folder {folder}; not followed. "
+        "Copy the file into the folder if it is meant to be there."
+    )
 
 
 # -- header validation ------------------------------------------------------------
