@@ -2,6 +2,7 @@
 
 from .accounting import AdapterAccount, account
 from .config import VBLoRAConfig
+from .engine import VBLoRAModel
 from .errors import (
     AdapterNotFoundError,
     AdapterStateError,
@@ -12,8 +13,12 @@ from .errors import (
     UnsupportedConversionError,
     VBLoRAStoreError,
 )
+from .export import export_lora
 from .format import StorageForm, StoredAdapter, convert, index_dtype, read_adapter, read_adapters
+from .hub import push, resolve_source
+from .merge import merge
 from .report import Report, ReportFormat, build_report
+from .verify import verify_adapters
 
 __version__ = "0.1.0"
 
@@ -31,11 +36,17 @@ __all__ = [
     "TargetingError",
     "UnsupportedConversionError",
     "VBLoRAConfig",
+    "VBLoRAModel",
     "VBLoRAStoreError",
     "account",
     "build_report",
     "convert",
+    "export_lora",
     "index_dtype",
+    "merge",
+    "push",
     "read_adapter",
     "read_adapters",
+    "resolve_source",
+    "verify_adapters",
 ]

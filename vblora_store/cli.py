@@ -16,6 +16,7 @@ from typing import Optional
 import click
 
 from .accounting import account
+from .batch import BatchItem, BatchResult, convert_tree
 from .errors import InvalidAdapterError, VBLoRAStoreError
 from .format import StorageForm, convert, read_adapters
 from .format.packed import BankDtype, WeightsDtype
@@ -127,11 +128,54 @@ def inspect_cmd(path: str, as_json: bool) -> None:
     show_default=True,
     help="Packed form: vector bank precision (float32 is lossless; int8 keeps a scale per vector).",
 )
-def convert_cmd(src: str, dst: str, to: str, force: bool, weights_dtype: str, bank_dtype: str) -> None:
-    """Convert the adapters in SRC into DST (same layout), then print DST's report."""
-    convert(src, dst, to=to, force=force, weights_dtype=weights_dtype, bank_dtype=bank_dtype)
+@click.option(
+    "--recursive",
+    is_flag=True,
+    help="Convert every adapter folder under SRC into the same relative path under DST.",
+)
+@click.option(
+    "--jobs", type=click.IntRange(min=1), default=1, show_default=True, help="With --recursive: worker processes."
+)
+def convert_cmd(
+    src: str, dst: str, to: str, force: bool, weights_dtype: str, bank_dtype: str, recursive: bool, jobs: int
+) -> None:
+    """Convert the adapters in SRC into DST (same layout), then print DST's report.
+
+    With --recursive, SRC and DST are trees: each adapter folder found under SRC is converted on its
+    own (--force applies to each); a broken one is reported and the others go on; exit 2 if any failed.
+    """
+    options = dict(to=to, force=force, weights_dtype=weights_dtype, bank_dtype=bank_dtype)
+    if recursive:
+        sys.exit(_render_batch(convert_tree(src, dst, jobs=jobs, progress=_batch_progress(), **options)))
+    if jobs != 1:
+        raise click.UsageError("--jobs applies to --recursive conversions only.")
+    convert(src, dst, **options)
     report = build_report([account(a) for a in read_adapters(dst)])
     click.echo(report.render(ReportFormat.TEXT))
+
+
+def _batch_progress():
+    """A progress bar on stderr when it is a terminal, else a plain line per adapter on stdout."""
+    if not click.get_text_stream("stderr").isatty():
+        return lambda done, total, item: click.echo(f"{'converted' if item.error is None else 'failed'} {item.src}")
+    bar = {}
+
+    def advance(done: int, total: int, item: BatchItem) -> None:
+        if not bar:
+            bar["bar"] = click.progressbar(length=total, label="converting", file=sys.stderr)
+        bar["bar"].update(1)
+        if done == total:
+            bar["bar"].render_finish()
+
+    return advance
+
+
+def _render_batch(result: BatchResult) -> int:
+    """Each failure on stderr, then the summary line; the exit code."""
+    for item in result.failed:
+        click.echo(f"error: {item.src}: {item.error}", err=True)
+    click.echo(f"converted {len(result.converted)}, failed {len(result.failed)}")
+    return EXIT_BAD_INPUT if result.failed else EXIT_OK
 
 
 @main.command("report")
@@ -227,10 +271,11 @@ def push_cmd(
 @click.argument("dst", type=click.Path(path_type=str))
 @click.option("--force", is_flag=True, help="Replace DST if it exists.")
 def export_lora_cmd(src: str, dst: str, force: bool) -> None:
-    """Write the adapters in SRC (any form) as PEFT LoRA adapters of the same rank into DST: exact, no base model."""
+    """Write the adapters in SRC (any form) as exact PEFT LoRA adapters of the same rank into DST."""
     adapters = export_lora(src, dst, force=force)
     for adapter in adapters:
-        click.echo(f"{adapter.name}: {len(adapter.modules)} modules, r={adapter.config.r}, lora_alpha={adapter.config.r}")
+        r = adapter.config.r
+        click.echo(f"{adapter.name}: {len(adapter.modules)} modules, r={r}, lora_alpha={r}")
     click.echo(f"wrote {dst}")
 
 

@@ -171,7 +171,7 @@ class VBLoRAConfig:
             raise AdapterNotFoundError(f"{file}: no {CONFIG_NAME} here; point at a PEFT adapter folder.")
         try:
             data = json.loads(file.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
             raise InvalidConfigError(f"{file}: not valid JSON ({e}); restore the file from its source.") from e
         return cls.from_dict(data, source=str(file))
 

@@ -20,6 +20,7 @@ __all__ = [
     "AdapterStateError",
     "CheckpointNotFoundError",
     "InvalidCheckpointError",
+    "UnsafePathError",
 ]
 
 
@@ -81,3 +82,7 @@ class HubNotFoundError(HubError, AdapterNotFoundError):
 
 class HubConnectionError(HubError, ConnectionError):
     """The Hub endpoint cannot be reached, and the files are not in the local cache."""
+
+
+class UnsafePathError(VBLoRAStoreError, PermissionError):
+    """A symbolic link inside an adapter folder leads outside it, so it is not followed."""

@@ -16,7 +16,7 @@ import torch
 from .errors import VBLoRAStoreError
 from .format.atomic import atomic_file
 from .format.keys import indices_key, logits_key
-from .format.peft import StoredAdapter
+from .format.peft import StoredAdapter, check_tensor_values
 
 __all__ = ["BankUsage", "bank_usage", "plot_usage"]
 
@@ -43,6 +43,9 @@ def bank_usage(adapter: StoredAdapter) -> BankUsage:
     Returns:
         Its :class:`BankUsage`.
 
+    Raises:
+        InvalidAdapterError: a stored index lies outside ``[0, num_vectors)``.
+
     Example:
         >>> bank_usage(read_adapters("fixtures/tiny-llama-vblora")[0]).unused  # doctest: +SKIP
         []
@@ -54,7 +57,9 @@ def bank_usage(adapter: StoredAdapter) -> BankUsage:
             if adapter.form.has_logits:
                 indices = adapter.tensor(logits_key(module, side)).topk(k).indices
             else:
-                indices = adapter.tensor(indices_key(module, side))
+                key = indices_key(module, side)
+                indices = adapter.tensor(key)
+                check_tensor_values(adapter, key, indices)  # bincount allocates max(index) + 1 counts
             counts += torch.bincount(indices.reshape(-1).long(), minlength=n)  # (..., k) -> (slots·k,)
     return BankUsage(f"{adapter.folder} [{adapter.name}]", counts)
 

@@ -17,7 +17,7 @@ import torch
 
 from .errors import InvalidAdapterError
 from .format.keys import BANK_KEY, indices_key, logits_key, weights_key
-from .format.peft import StoredAdapter
+from .format.peft import StoredAdapter, check_tensor_values
 from .topk import complete_weights, compose
 
 __all__ = ["ModuleError", "Verification", "module_factors", "verify_adapters", "render"]
@@ -59,24 +59,34 @@ def module_factors(
         dtype: The dtype to compute in.
 
     Returns:
-        An iterator; one module's tensors are read at a time.
+        An iterator; one module's tensors are read at a time, and their values checked.
+
+    Raises:
+        InvalidAdapterError: a stored value is bad (NaN, index out of range).
     """
-    bank = adapter.tensor(BANK_KEY).to(dtype)
+    bank = _checked(adapter, BANK_KEY).to(dtype)
     k = adapter.config.topk
     for module in adapter.modules if modules is None else modules:
         sides = {}
         for side in ("A", "B"):
             if adapter.form.has_logits:
-                top, indices = adapter.tensor(logits_key(module, side)).to(dtype).topk(k)
+                top, indices = _checked(adapter, logits_key(module, side)).to(dtype).topk(k)
                 weights = torch.softmax(top, dim=-1)
             else:
-                indices = adapter.tensor(indices_key(module, side))
-                weights = complete_weights(adapter.tensor(weights_key(module, side)).to(dtype))
+                indices = _checked(adapter, indices_key(module, side))
+                weights = complete_weights(_checked(adapter, weights_key(module, side)).to(dtype))
             sides[side] = compose(indices, weights, bank)
         r = sides["A"].shape[0]
         a = sides["A"].reshape(r, -1)  # (r, in/L, L) -> (r, in)
         b = sides["B"].transpose(1, 2).reshape(-1, r)  # (out/L, r, L) -> (out/L, L, r) -> (out, r)
         yield module, a, b
+
+
+def _checked(adapter: StoredAdapter, key: str) -> torch.Tensor:
+    """Read one tensor and check its values (an index outside the bank would be read as another vector)."""
+    value = adapter.tensor(key)
+    check_tensor_values(adapter, key, value)
+    return value
 
 
 def verify_adapters(reference: StoredAdapter, candidate: StoredAdapter) -> Verification:

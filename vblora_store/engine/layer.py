@@ -31,7 +31,10 @@ __all__ = ["VBLoRALinear", "TopKFactors", "layer_features", "check_fits"]
 
 
 def layer_features(base_layer: nn.Module, fan_in_fan_out: bool) -> tuple[int, int]:
-    """``(in_features, out_features)`` of a ``Linear`` (weight ``(out, in)``) or ``Conv1D`` (``(in, out)``)."""
+    """``(in_features, out_features)`` of a layer.
+
+    A ``Linear`` stores its weight ``(out, in)``, a ``Conv1D`` (``fan_in_fan_out``) ``(in, out)``.
+    """
     rows, cols = base_layer.weight.shape  # Linear: (out, in); Conv1D: (in, out)
     return (rows, cols) if fan_in_fan_out else (cols, rows)
 
@@ -64,10 +67,18 @@ class TopKFactors(nn.Module):
         self.register_buffer("indices_B", indices_B)
         self.register_buffer("weights_B", weights_B)
 
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """``(indices_A, weights_A, indices_B, weights_B)``, in one cheap lookup (the forward's hot path)."""
+        return tuple(self._buffers.values())
+
 
 def _cache_key(tensors: tuple[torch.Tensor, ...], device: torch.device, dtype: torch.dtype) -> tuple:
-    """Identifies the factors built from ``tensors``: changes on any in-place edit, move or cast."""
-    return (device, dtype) + tuple((t.data_ptr(), t._version) for t in tensors)
+    """Identifies the factors built from ``tensors``: changes on any in-place edit, move or cast.
+
+    Tensors created under ``torch.inference_mode()`` have no version counter;
+    for them only a move or cast is seen (call ``clear_cache()`` after editing one).
+    """
+    return (device, dtype) + tuple((t.data_ptr(), -1 if t.is_inference() else t._version) for t in tensors)
 
 
 class VBLoRALinear(nn.Module):
@@ -205,8 +216,7 @@ class VBLoRALinear(nn.Module):
     def _sources(self, adapter: str) -> tuple[torch.Tensor, ...]:
         bank = self._banks[adapter]
         if self.is_topk(adapter):
-            t = self.vblora_topk[adapter]
-            return (bank, t.indices_A, t.weights_A, t.indices_B, t.weights_B)
+            return (bank, *self.vblora_topk[adapter].tensors())
         return (bank, self.vblora_logits_A[adapter], self.vblora_logits_B[adapter])
 
     def _build_factors(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -217,11 +227,17 @@ class VBLoRALinear(nn.Module):
         bank = sources[0].to(device=device, dtype=compute)  # (N, L)
         if self.is_topk(adapter):
             _, a_idx, a_w, b_idx, b_w = sources
-            a_w, b_w = complete_weights(a_w.to(compute)), complete_weights(b_w.to(compute))  # (..., k-1) -> (..., k)
+            a_w, b_w = complete_weights(a_w.to(compute)), complete_weights(
+                b_w.to(compute)
+            )  # (..., k-1) -> (..., k)
         else:
             k = self.topk[adapter]
-            a_idx, a_w = select_topk(sources[1].to(compute), k, torch.long)  # (r, in/L, N) -> (r, in/L, k|k-1)
-            b_idx, b_w = select_topk(sources[2].to(compute), k, torch.long)  # (out/L, r, N) -> (out/L, r, k|k-1)
+            a_idx, a_w = select_topk(
+                sources[1].to(compute), k, torch.long
+            )  # (r, in/L, N) -> (r, in/L, k|k-1)
+            b_idx, b_w = select_topk(
+                sources[2].to(compute), k, torch.long
+            )  # (out/L, r, N) -> (out/L, r, k|k-1)
             a_w, b_w = complete_weights(a_w), complete_weights(b_w)  # (..., k-1) -> (..., k)
         return lora_factors(a_idx, a_w, b_idx, b_w, bank)
 
@@ -318,7 +334,9 @@ class VBLoRALinear(nn.Module):
                 "so it cannot be trained. Call model.eval() for inference, or load the full-form adapter."
             )
         a, b = self.factors(adapter, x.device, x.dtype)
-        lora = F.linear(F.linear(self.vblora_dropout[adapter](x), a), b)  # (..., in) -> (..., r) -> (..., out)
+        lora = F.linear(
+            F.linear(self.vblora_dropout[adapter](x), a), b
+        )  # (..., in) -> (..., r) -> (..., out)
         return result + lora
 
     def extra_repr(self) -> str:

@@ -10,27 +10,60 @@ written through the format layer, in PEFT's exact layout.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Union
 
 import torch
 from torch import nn
 
 from ..config import VBLoRAConfig
-from ..errors import AdapterStateError, InvalidAdapterError, TargetingError
+from ..errors import AdapterStateError, TargetingError
 from ..format.convert import write_adapter
 from ..format.keys import BANK_KEY, StorageForm, indices_key, logits_key, weights_key
 from ..format.peft import StoredAdapter, read_adapter
+from ..hub import resolve_source
 from .layer import TopKFactors, VBLoRALinear, check_fits, layer_features
-from .state import adapter_layers, adapter_state_dict, load_other_tensors, savable_parameter_counts
+from .state import (
+    adapter_layers,
+    adapter_state_dict,
+    load_other_tensors,
+    other_parameters,
+    savable_parameter_counts,
+)
 from .targeting import CLASSIFIER_HEADS, conv1d_class, find_targets
 from .trainable import ModulesToSave
 
 __all__ = ["VBLoRAModel"]
 
 _WRAPPERS = (VBLoRALinear,)
+
+
+def _call_wrapped(self: "VBLoRAModel", *args: Any, **kwargs: Any) -> Any:
+    """Call the wrapped model."""
+    return self.model(*args, **kwargs)
+
+
+class _WrappedForward:
+    """``VBLoRAModel.forward``: calls the wrapped model and shows its signature.
+
+    ``inspect.signature(model.forward)`` is then the wrapped model's, so
+    transformers' Trainer keeps the dataset columns it names (it drops the
+    others); on the class it is a plain ``(self, *args, **kwargs)`` function.
+    """
+
+    def __get__(self, obj: Optional["VBLoRAModel"], owner: type) -> Callable[..., Any]:
+        if obj is None:
+            return _call_wrapped
+        inner = obj.model
+
+        @functools.wraps(inner.forward)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return inner(*args, **kwargs)
+
+        return call
 
 
 class VBLoRAModel(nn.Module):
@@ -78,17 +111,23 @@ class VBLoRAModel(nn.Module):
         adapter_name: str = "default",
         is_trainable: bool = False,
         low_cpu_mem_usage: bool = False,
+        *,
+        revision: Optional[str] = None,
+        subfolder: Optional[str] = None,
     ) -> "VBLoRAModel":
-        """Wrap ``model`` with the adapter saved at ``path`` (full or top-k form).
+        """Wrap ``model`` with the adapter saved at ``path`` (full, top-k or packed form).
 
         Args:
             model: The base model the adapter was trained on.
-            path: A folder holding ``adapter_config.json`` and the weights.
+            path: A folder holding ``adapter_config.json`` and the weights, or a
+                Hub repo id (``namespace/name``).
             adapter_name: The name to give the adapter.
             is_trainable: Keep training it (full form only); otherwise the
                 adapter is frozen and the model put in eval mode.
             low_cpu_mem_usage: Accepted for PEFT compatibility; loading never
                 allocates a random adapter first, so memory is always low.
+            revision: Branch, tag or commit of a Hub repo.
+            subfolder: The adapter's folder inside the repo or the local folder.
 
         Returns:
             The wrapped model.
@@ -102,12 +141,21 @@ class VBLoRAModel(nn.Module):
         """
         self = cls.__new__(cls)
         self._setup(model)
-        self.load_adapter(path, adapter_name, is_trainable=is_trainable, low_cpu_mem_usage=low_cpu_mem_usage)
+        self.load_adapter(
+            path,
+            adapter_name,
+            is_trainable=is_trainable,
+            low_cpu_mem_usage=low_cpu_mem_usage,
+            revision=revision,
+            subfolder=subfolder,
+        )
         return self
 
     # -- adding adapters ---------------------------------------------------------------
 
-    def add_adapter(self, adapter_name: str, config: VBLoRAConfig, *, low_cpu_mem_usage: bool = False) -> None:
+    def add_adapter(
+        self, adapter_name: str, config: VBLoRAConfig, *, low_cpu_mem_usage: bool = False
+    ) -> None:
         """Add a freshly initialised adapter (trainable if it is the first one, like PEFT).
 
         Example:
@@ -126,26 +174,33 @@ class VBLoRAModel(nn.Module):
         adapter_name: str,
         is_trainable: bool = False,
         low_cpu_mem_usage: bool = False,
+        *,
+        revision: Optional[str] = None,
+        subfolder: Optional[str] = None,
     ) -> None:
         """Load the adapter saved at ``path`` under ``adapter_name`` (it does not become active).
 
         Args:
-            path: A folder holding ``adapter_config.json`` and the weights.
+            path: A folder holding ``adapter_config.json`` and the weights, or a
+                Hub repo id (``namespace/name``).
             adapter_name: The name to give it; may be a ``low_cpu_mem_usage``
                 placeholder, which is then replaced.
             is_trainable: Make it trainable (full form only); otherwise the
                 model is put in eval mode, as PEFT does.
             low_cpu_mem_usage: Accepted for PEFT compatibility (always low).
+            revision: Branch, tag or commit of a Hub repo.
+            subfolder: The adapter's folder inside the repo or the local folder.
 
         Raises:
             AdapterStateError: ``is_trainable`` with a top-k adapter, or the name is taken.
         """
-        stored = read_adapter(path, name=adapter_name)
-        if is_trainable and stored.form is StorageForm.TOPK:
+        folder = resolve_source(path, revision=revision, subfolder=subfolder, nested=False)
+        stored = read_adapter(folder, name=adapter_name)
+        if is_trainable and not stored.form.has_logits:
             raise AdapterStateError(
-                f"{stored.folder}: adapter saved in top-k form (save_only_topk_weights=true) keeps only the top-k "
-                "weights, not the logits, so it cannot be trained. Load it with is_trainable=False, or train from "
-                "the full-form adapter."
+                f"{stored.folder}: the adapter is stored in {stored.form.value} form, which keeps the "
+                "top-k weights but not the logits, so it cannot be trained. Load it with "
+                "is_trainable=False, or train from the full-form adapter."
             )
         if adapter_name in self._placeholders:
             self.delete_adapter(adapter_name)
@@ -167,11 +222,13 @@ class VBLoRAModel(nn.Module):
         return config
 
     def _fan_in_fan_out(self, config: VBLoRAConfig, base: nn.Module, name: str) -> bool:
-        """PEFT's correction: Linear means False, Conv1D means True, with a warning when the config disagrees."""
+        """PEFT's correction: False for a Linear, True for a Conv1D, warning if the config disagrees."""
         conv1d = conv1d_class()
         if conv1d is not None and isinstance(base, conv1d):
             if not config.fan_in_fan_out:
-                warnings.warn(f"{name}: fan_in_fan_out is False but the target is Conv1D; setting it to True.")
+                warnings.warn(
+                    f"{name}: fan_in_fan_out is False but the target is Conv1D; setting it to True."
+                )
                 config.fan_in_fan_out = True
         elif config.fan_in_fan_out:
             warnings.warn(f"{name}: fan_in_fan_out is True but the target is nn.Linear; setting it to False.")
@@ -186,56 +243,81 @@ class VBLoRAModel(nn.Module):
         *,
         low_cpu_mem_usage: bool = False,
     ) -> None:
-        """Wrap the targeted layers with ``adapter``: fresh (PEFT's init and RNG order) or from ``stored``."""
+        """Wrap the targeted layers with ``adapter``: fresh (PEFT's init and RNG order) or from ``stored``.
+
+        Every check runs before the model changes; if reading the file fails
+        half-way, what was added is removed again.
+        """
         if adapter in self.peft_config:
-            raise AdapterStateError(f"an adapter named {adapter!r} exists; delete_adapter() it or pick another name.")
+            raise AdapterStateError(
+                f"an adapter named {adapter!r} exists; delete_adapter() it or pick another name."
+            )
         if not adapter or "." in adapter:
             raise AdapterStateError(f"adapter name {adapter!r} is empty or has a '.'; pick a plain name.")
         config = self._prepared_config(config)
-        modules_to_save = list(config.modules_to_save or [])
-        names = find_targets(self.model, config, modules_to_save=modules_to_save, skip=_WRAPPERS)
+        plan = self._plan(config, stored)
+        try:
+            self._wrap(adapter, config, stored, plan, meta=low_cpu_mem_usage and stored is None)
+        except BaseException:
+            self._forget(adapter)
+            raise
+
+    def _plan(
+        self, config: VBLoRAConfig, stored: Optional[StoredAdapter]
+    ) -> list[tuple[str, nn.Module, bool]]:
+        """``(name, base layer, fan_in_fan_out)`` of every target, all checked; the model is not touched."""
+        names = find_targets(
+            self.model, config, modules_to_save=list(config.modules_to_save or []), skip=_WRAPPERS
+        )
         if stored is not None and set(names) != set(stored.modules):
             missing = sorted(set(stored.modules) - set(names))[:3]
             extra = sorted(set(names) - set(stored.modules))[:3]
             raise TargetingError(
-                f"{stored.folder}: the adapter's modules do not match this model's targets (in the file only: "
-                f"{missing}; targeted but absent from the file: {extra}); load it on the model it was trained on."
+                f"{stored.folder}: the adapter's modules do not match this model's targets (in the file "
+                f"only: {missing}; targeted but absent from the file: {extra}); load it on the model it "
+                "was trained on."
             )
-        plan = []  # (name, module, base layer, fan_in_fan_out): every check before the model changes
+        plan = []
         for name in names:
             module = self.model.get_submodule(name)
             base = module.base_layer if isinstance(module, VBLoRALinear) else module
             fan = self._fan_in_fan_out(config, base, name)
             check_fits(name, *layer_features(base, fan), config.vector_length)
-            plan.append((name, module, base, fan))
+            plan.append((name, base, fan))
+        return plan
 
+    def _wrap(
+        self, adapter: str, config: VBLoRAConfig, stored: Optional[StoredAdapter], plan, *, meta: bool
+    ) -> None:
+        """Add ``adapter`` to every planned layer, its bank, its ``modules_to_save`` copies."""
+        self.peft_config[adapter] = config
+        self.storage_form[adapter] = StorageForm.FULL if stored is None else stored.form
         n, length, bound = config.num_vectors, config.vector_length, config.init_vector_bank_bound
-        meta = low_cpu_mem_usage and stored is None
         bank = torch.zeros(n, length, device="meta" if meta else "cpu")
-        for name, module, base, fan in plan:
+        for name, base, fan in plan:
+            module = self.model.get_submodule(name)
             if not isinstance(module, VBLoRALinear):
                 module = VBLoRALinear(base, self.vblora_vector_bank, name=name, fan_in_fan_out=fan)
-                parent, _, child = name.rpartition(".")
-                setattr(self.model.get_submodule(parent) if parent else self.model, child, module)
+                self._set_child(name, module)
             device = base.weight.device
             if stored is None:
                 if not meta:
                     bank.uniform_(-bound, bound)  # PEFT redraws the bank per module; the last draw is kept
                 module.add_full(adapter, config, device="meta" if meta else device)
-            elif stored.form is StorageForm.FULL:
+            elif stored.form.has_logits:
                 logits = [stored.tensor(logits_key(name, side)).to(device) for side in "AB"]
                 module.add_full(adapter, config, *logits)
             else:
-                parts = [stored.tensor(key(name, s)).to(device) for s in "AB" for key in (indices_key, weights_key)]
+                parts = [
+                    stored.tensor(key(name, s)).to(device) for s in "AB" for key in (indices_key, weights_key)
+                ]
                 module.add_topk(adapter, config, TopKFactors(*parts))
             if name not in self.targeted_module_names:
                 self.targeted_module_names.append(name)
         if stored is not None:
             bank = stored.tensor(BANK_KEY)
-        self.vblora_vector_bank[adapter] = nn.Parameter(bank.to(plan[0][2].weight.device))
-        self._add_modules_to_save(adapter, modules_to_save)
-        self.peft_config[adapter] = config
-        self.storage_form[adapter] = stored.form if stored is not None else StorageForm.FULL
+        self.vblora_vector_bank[adapter] = nn.Parameter(bank if meta else bank.to(plan[0][1].weight.device))
+        self._add_modules_to_save(adapter, list(config.modules_to_save or []))
         if stored is not None:
             load_other_tensors(self.model, stored, adapter)
         self._activate(self.active_adapter or adapter)
@@ -246,9 +328,13 @@ class VBLoRAModel(nn.Module):
                 continue
             if not isinstance(module, ModulesToSave):
                 module = ModulesToSave(module, name=key)
-                parent, _, child = key.rpartition(".")
-                setattr(self.model.get_submodule(parent) if parent else self.model, child, module)
+                self._set_child(key, module)
             module.add_adapter(adapter)
+
+    def _set_child(self, name: str, module: nn.Module) -> None:
+        """Put ``module`` at ``name`` in the wrapped model."""
+        parent, _, child = name.rpartition(".")
+        setattr(self.model.get_submodule(parent) if parent else self.model, child, module)
 
     # -- which adapter runs --------------------------------------------------------------
 
@@ -262,11 +348,13 @@ class VBLoRAModel(nn.Module):
 
     def _check_known(self, adapter: str) -> None:
         if adapter not in self.peft_config:
-            raise AdapterStateError(f"no adapter named {adapter!r}; this model has {sorted(self.peft_config)}.")
+            raise AdapterStateError(
+                f"no adapter named {adapter!r}; this model has {sorted(self.peft_config)}."
+            )
 
     def _set_requires_grad(self, adapter: str, trainable: bool) -> None:
-        """PEFT's trainability: the base frozen; the adapter's tensors, biases and copies as asked."""
-        trainable = trainable and self.storage_form[adapter] is StorageForm.FULL
+        """PEFT's trainability: the base frozen; the adapter's bank, logits and copies as asked."""
+        trainable = trainable and self.storage_form[adapter].has_logits
         if len(self.peft_config) == 1:
             self.model.requires_grad_(False)
         self.vblora_vector_bank[adapter].requires_grad_(trainable)
@@ -277,15 +365,9 @@ class VBLoRAModel(nn.Module):
         for module in self.model.modules():
             if isinstance(module, ModulesToSave) and adapter in module.modules_to_save:
                 module.modules_to_save[adapter].requires_grad_(trainable)
-        bias = self.peft_config[adapter].bias
-        if trainable and bias == "all":
-            for pname, param in self.model.named_parameters():
-                if pname.endswith("bias") and ".modules_to_save." not in pname:
-                    param.requires_grad_(True)
-        elif trainable and bias == "vblora_only":
-            for _, layer in adapter_layers(self.model, adapter):
-                if layer.base_layer.bias is not None:
-                    layer.base_layer.bias.requires_grad_(True)
+        if trainable:  # and the biases its bias mode trains: exactly what saving it writes
+            for param in other_parameters(self.model, adapter, self.peft_config[adapter]).values():
+                param.requires_grad_(True)
 
     @property
     def active_adapters(self) -> list[str]:
@@ -308,18 +390,24 @@ class VBLoRAModel(nn.Module):
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove an adapter everywhere; if it was active, the first remaining one becomes active."""
         self._check_known(adapter_name)
-        for module in self._wrappers():
-            module.delete_adapter(adapter_name)
-        for module in list(self.model.modules()):
+        self._forget(adapter_name)
+
+    def _forget(self, adapter: str) -> None:
+        """Remove whatever part of ``adapter`` exists; unwrap what holds no adapter any more."""
+        for module in list(self._wrappers()):
+            module.delete_adapter(adapter)
             if isinstance(module, VBLoRALinear) and not module.adapters:
                 self._replace(module, module.base_layer)
-        del self.vblora_vector_bank[adapter_name]
-        del self.peft_config[adapter_name]
-        del self.storage_form[adapter_name]
-        self._placeholders.discard(adapter_name)
+            elif isinstance(module, ModulesToSave) and not len(module.modules_to_save):
+                self._replace(module, module.original_module)
+        if adapter in self.vblora_vector_bank:
+            del self.vblora_vector_bank[adapter]
+        self.peft_config.pop(adapter, None)
+        self.storage_form.pop(adapter, None)
+        self._placeholders.discard(adapter)
         held = {n for n, m in self.model.named_modules() if isinstance(m, VBLoRALinear)}
         self.targeted_module_names = [n for n in self.targeted_module_names if n in held]
-        if self.active_adapter == adapter_name:
+        if self.active_adapter == adapter:
             self._activate(next(iter(self.peft_config), None))
 
     @contextmanager
@@ -358,10 +446,10 @@ class VBLoRAModel(nn.Module):
             layer.unmerge()
 
     def _replace(self, module: nn.Module, new: nn.Module) -> None:
+        """Put ``new`` where ``module`` is in the wrapped model."""
         for key, candidate in self.model.named_modules():
             if candidate is module:
-                parent, _, child = key.rpartition(".")
-                setattr(self.model.get_submodule(parent) if parent else self.model, child, new)
+                self._set_child(key, new)
                 return
 
     def _unload(self, merge: bool, safe_merge: bool = False) -> nn.Module:
@@ -423,9 +511,14 @@ class VBLoRAModel(nn.Module):
             else:
                 name_or_path = config.base_model_name_or_path
             saved = dataclasses.replace(
-                config, save_only_topk_weights=bool(topk), inference_mode=True, base_model_name_or_path=name_or_path
+                config,
+                save_only_topk_weights=bool(topk),
+                inference_mode=True,
+                base_model_name_or_path=name_or_path,
             )
-            tensors = adapter_state_dict(self.model, self.vblora_vector_bank[adapter], adapter, saved, topk=topk)
+            tensors = adapter_state_dict(
+                self.model, self.vblora_vector_bank[adapter], adapter, saved, topk=topk
+            )
             write_adapter(root if adapter == "default" else root / adapter, saved, tensors)
 
     def get_nb_savable_parameters(self, adapter: str = "default") -> tuple[int, int]:
@@ -464,9 +557,7 @@ class VBLoRAModel(nn.Module):
         """The wrapped model (with its layers wrapped)."""
         return self.model
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        """Call the wrapped model."""
-        return self.model(*args, **kwargs)
+    forward = _WrappedForward()
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """The wrapped model's ``generate`` (transformers models)."""

@@ -12,6 +12,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from ..accounting import full_savable_params, topk_savable_params
 from ..config import VBLoRAConfig
 from ..errors import InvalidAdapterError, UnsupportedConversionError
 from ..format.keys import BANK_KEY, MODEL_PREFIX, index_dtype, indices_key, logits_key, weights_key
@@ -83,8 +84,8 @@ def adapter_state_dict(
         if layer.is_topk(adapter):
             if not topk:
                 raise UnsupportedConversionError(
-                    f"adapter {adapter!r} was loaded in top-k form; its full logits are gone, so it can only be "
-                    "saved with save_only_topk_weights=True."
+                    f"adapter {adapter!r} was loaded in top-k form; its full logits are gone, so it can "
+                    "only be saved with save_only_topk_weights=True."
                 )
             held: TopKFactors = layer.vblora_topk[adapter]
             for side in ("A", "B"):
@@ -117,8 +118,9 @@ def load_other_tensors(model: nn.Module, stored: StoredAdapter, adapter: str) ->
         if param is None or tuple(param.shape) != tuple(value.shape):
             where = "no such parameter" if param is None else f"the model's is {list(param.shape)}"
             raise InvalidAdapterError(
-                f"{stored.weights_path}: tensor {key!r} {list(value.shape)} does not fit this model ({where}); "
-                "the adapter was saved from another model or with other modules_to_save/bias settings."
+                f"{stored.weights_path}: tensor {key!r} {list(value.shape)} does not fit this model "
+                f"({where}); the adapter was saved from another model or with other modules_to_save or "
+                "bias settings."
             )
         with torch.no_grad():
             param.copy_(value)
@@ -129,19 +131,16 @@ def savable_parameter_counts(
 ) -> tuple[int, int]:
     """PEFT's ``get_nb_savable_parameters`` for one adapter: ``(vblora_params, other_params)``.
 
-    VB-LoRA parameters are counted float32-equivalent: in top-k form each
-    sub-vector costs ``k - 1`` weights plus ``k`` indices scaled by the index
-    dtype's size over 4 bytes (the dtype from ``keys.index_dtype``).
+    The formulas are :mod:`vblora_store.accounting`'s, applied to the live model.
     """
     sub_vectors = 0  # one per (r, in/L) position of A and (out/L, r) position of B
     for _, layer in adapter_layers(model, adapter):
         length, r = config.vector_length, layer.r[adapter]
         sub_vectors += r * layer.in_features // length + layer.out_features // length * r
-    n, k = config.num_vectors, config.topk
+    counts = dict(bank_params=bank.numel(), slots=sub_vectors, num_vectors=config.num_vectors)
     if config.save_only_topk_weights:
-        factor = index_dtype(n).itemsize / 4
-        vblora = int(bank.numel() + sub_vectors * (k - 1) + sub_vectors * k * factor)
+        vblora = topk_savable_params(**counts, topk=config.topk)
     else:
-        vblora = bank.numel() + sub_vectors * n
+        vblora = full_savable_params(**counts)
     other = sum(p.numel() for p in other_parameters(model, adapter, config).values())
     return vblora, other

@@ -210,7 +210,8 @@ def find_targets(
         TargetingError: nothing matched, or a match is not a Linear/Conv1D.
 
     Example:
-        >>> find_targets(nn.Sequential(nn.Linear(4, 4)), VBLoRAConfig(target_modules=["0"]), modules_to_save=[])
+        >>> net = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+        >>> find_targets(net, VBLoRAConfig(target_modules=["0"]), modules_to_save=[])
         ['0']
     """
     targets = resolve_target_modules(model, config, skip)
@@ -235,7 +236,8 @@ def find_targets(
         why = " (every match was excluded by exclude_modules or modules_to_save)" if excluded else ""
         layers = ""
         if config.layers_to_transform is not None:
-            layers = f" with layers_to_transform={config.layers_to_transform} layers_pattern={config.layers_pattern}"
+            layers = f" with layers_to_transform={config.layers_to_transform}"
+            layers += f" layers_pattern={config.layers_pattern}"
         raise TargetingError(
             f"target_modules={targets!r}{layers} matched no module of {type(model).__name__}{why}; "
             "check the names with [n for n, _ in model.named_modules()]."

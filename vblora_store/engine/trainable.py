@@ -31,7 +31,7 @@ class ModulesToSave(nn.Module):
 
     def __init__(self, original_module: nn.Module, *, name: str):
         super().__init__()
-        self.original_module = original_module
+        self.original_module = original_module.requires_grad_(False)  # only the copies train
         self.modules_to_save = nn.ModuleDict()
         self.module_name = name
         self.active_adapter: Optional[str] = None

@@ -1,14 +1,18 @@
 """Atomic destinations: build a result in a temporary folder, then rename it into place.
 
 The temporary folder sits beside the destination (same file system, so the
-final rename is atomic) and is named ``.vblora-store-tmp-<name>-<random>`` so a
-crash's leftovers are recognisable.  On any error it is removed and the
-destination is left as it was.
+final rename is atomic) and is named ``.vblora-store-tmp-<name>-<pid>-<random>``,
+so a crash's leftovers are recognisable and say which process made them.  On
+any error it is removed and the destination is left as it was.  A process
+killed outright (``kill -9``, power loss) cannot clean up: the next write to
+the same destination removes the temporary siblings whose process is gone
+(:func:`remove_stale_temps`), never those of a process still running.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -17,9 +21,11 @@ from typing import Iterator, Union
 
 from ..errors import DestinationExistsError
 
-__all__ = ["TMP_PREFIX", "check_destination", "atomic_folder", "atomic_file"]
+__all__ = ["TMP_PREFIX", "check_destination", "atomic_folder", "atomic_file", "remove_stale_temps"]
 
 TMP_PREFIX = ".vblora-store-tmp-"
+# <prefix><destination name>-<pid>-<tempfile's 8 random characters>; the name may hold "-" itself.
+_TMP_NAME = re.compile(re.escape(TMP_PREFIX) + r"(?P<dst>.+)-(?P<pid>\d{1,10})-[a-z0-9_]{8}")
 
 
 def check_destination(dst: Union[str, Path], *, force: bool, sources: tuple[Path, ...] = ()) -> Path:
@@ -39,13 +45,52 @@ def check_destination(dst: Union[str, Path], *, force: bool, sources: tuple[Path
                 f"{dst}: is the source {src} or inside it; write to another folder, the input is never modified."
             )
     if (dst.exists() or dst.is_symlink()) and not force:
-        raise DestinationExistsError(f"{dst}: already exists; pass --force to replace it, or choose another path.")
+        raise DestinationExistsError(
+            f"{dst}: already exists; pass --force to replace it, or choose another path."
+        )
     return dst
+
+
+def remove_stale_temps(dst: Union[str, Path]) -> list[Path]:
+    """Remove the temporary siblings of ``dst`` left by processes that no longer run.
+
+    Only names this module makes for the same destination name are touched,
+    and only when the process id they carry is not alive, so two runs writing
+    the same destination at once never delete each other's work.
+
+    Args:
+        dst: A destination folder or file.
+
+    Returns:
+        The paths removed.
+
+    Example:
+        >>> remove_stale_temps("out/adapter-topk")  # doctest: +SKIP
+        [PosixPath('out/.vblora-store-tmp-adapter-topk-41377-k2j9x0aq')]
+    """
+    dst = Path(dst)
+    removed = []
+    try:
+        siblings = list(dst.parent.iterdir())
+    except OSError:
+        return removed
+    for path in siblings:
+        match = _TMP_NAME.fullmatch(path.name)
+        if match is None or match["dst"] != dst.name or _process_alive(int(match["pid"])):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
 
 
 @contextmanager
 def atomic_folder(dst: Union[str, Path], *, force: bool = False) -> Iterator[Path]:
     """Yield an empty temporary folder; on a clean exit it becomes ``dst``.
+
+    Stale temporary folders of ``dst`` (from killed runs) are removed first.
 
     Args:
         dst: The final folder.
@@ -58,13 +103,14 @@ def atomic_folder(dst: Union[str, Path], *, force: bool = False) -> Iterator[Pat
     """
     dst = check_destination(dst, force=force)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{dst.name}-", dir=dst.parent))
+    remove_stale_temps(dst)
+    work = Path(tempfile.mkdtemp(prefix=_temp_prefix(dst), dir=dst.parent))
     try:
         yield work
         _fsync_tree(work)
         if dst.exists() or dst.is_symlink():
             check_destination(dst, force=force)
-            old = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{dst.name}-old-", dir=dst.parent))
+            old = Path(tempfile.mkdtemp(prefix=_temp_prefix(dst), dir=dst.parent))
             os.replace(dst, old / dst.name)
             os.replace(work, dst)
             shutil.rmtree(old, ignore_errors=True)
@@ -85,7 +131,8 @@ def atomic_file(dst: Union[str, Path]) -> Iterator[Path]:
     """
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{dst.name}-", suffix=dst.suffix, dir=dst.parent)
+    remove_stale_temps(dst)
+    fd, name = tempfile.mkstemp(prefix=_temp_prefix(dst), dir=dst.parent)
     os.close(fd)
     work = Path(name)
     umask = os.umask(0)
@@ -98,6 +145,24 @@ def atomic_file(dst: Union[str, Path]) -> Iterator[Path]:
         os.replace(work, dst)
     finally:
         work.unlink(missing_ok=True)
+
+
+def _temp_prefix(dst: Path) -> str:
+    """``.vblora-store-tmp-<name>-<pid>-``: tempfile appends 8 random characters."""
+    return f"{TMP_PREFIX}{dst.name}-{os.getpid()}-"
+
+
+def _process_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this machine (``True`` when that cannot be known)."""
+    if os.name != "posix" or pid == os.getpid():
+        return True  # signal 0 means something else on Windows: never guess there
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # another user's process, or not a pid we wrote: leave it alone
+    return True
 
 
 def _fsync_tree(folder: Path) -> None:

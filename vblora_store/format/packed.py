@@ -121,7 +121,7 @@ def pack_topk(
     bits = bits_for(num_vectors)
     sides = list(_sides(modules))
     all_indices = torch.cat([tensors[indices_key(m, s)].reshape(-1) for m, s in sides])  # (S·k,)
-    weights = [tensors[weights_key(m, s)].reshape(-1, topk - 1) for m, s in sides]  # (..., k-1) -> (slots, k-1)
+    weights = [tensors[weights_key(m, s)].flatten(0, -2) for m, s in sides]  # (..., k-1) -> (slots, k-1); k=1 too
     restore_weights = weights[0].dtype
     bank = tensors[BANK_KEY]
     out = {k: v for k, v in tensors.items() if k != BANK_KEY and parse_key(k) is None}
@@ -184,7 +184,7 @@ def unpack_topk(
         restore_weights = WeightsDtype(description["restore_weights_dtype"])
         restore_bank = WeightsDtype(description["restore_bank_dtype"])
         modules = [(str(name), int(n_in), int(n_out)) for name, n_in, n_out in description["modules"]]
-    except (KeyError, ValueError, TypeError) as e:
+    except (KeyError, ValueError, TypeError, OverflowError, RecursionError) as e:
         raise bad(f"metadata is incomplete or malformed ({type(e).__name__}: {e})") from e
     if version != FORMAT_VERSION:
         raise InvalidAdapterError(
