@@ -21,7 +21,7 @@ cached factors after a first forward), and on CUDA also the change in
     python3 benchmarks/bench_engine.py --device cuda --dtype bf16 --hidden 4096 --intermediate 11008 \
         --layers 32 --heads 32 --prefill-reps 60
 
-The figures and the exact commands behind them are in docs/benchmarks-engine.md.
+The figures and the exact commands behind them are in docs/benchmarks.md ("Engine").
 """
 
 from __future__ import annotations
