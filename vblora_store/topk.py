@@ -12,7 +12,27 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["select_topk", "complete_weights", "compose", "lora_factors", "delta_weight"]
+__all__ = ["mix_weights", "select_topk", "complete_weights", "compose", "lora_factors", "delta_weight"]
+
+
+def mix_weights(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top-k indices and their softmax weights, as PEFT's forward computes them.
+
+    Args:
+        logits: ``(..., N)`` logits.
+        k: How many vectors each sub-vector mixes.
+
+    Returns:
+        ``(indices, weights)``, both ``(..., k)``: int64 indices in descending
+        logit order and the complete softmax weights, differentiable.
+
+    Example:
+        >>> i, w = mix_weights(torch.tensor([0.0, 2.0, 1.0]), 2)
+        >>> i.tolist(), [round(x, 4) for x in w.tolist()]
+        ([1, 2], [0.7311, 0.2689])
+    """
+    top, indices = logits.topk(k)
+    return indices, torch.softmax(top, dim=-1)
 
 
 def select_topk(logits: torch.Tensor, k: int, index_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -33,9 +53,8 @@ def select_topk(logits: torch.Tensor, k: int, index_dtype: torch.dtype) -> tuple
         >>> i.tolist(), [round(x, 4) for x in w.flatten().tolist()]
         ([[[1, 2]]], [0.7311])
     """
-    top, indices = logits.topk(k)
-    weights = torch.softmax(top, dim=-1)[..., :-1].contiguous()
-    return indices.to(dtype=index_dtype), weights
+    indices, weights = mix_weights(logits, k)
+    return indices.to(dtype=index_dtype), weights[..., :-1].contiguous()
 
 
 def complete_weights(weights: torch.Tensor) -> torch.Tensor:

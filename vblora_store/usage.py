@@ -55,7 +55,7 @@ def bank_usage(adapter: StoredAdapter) -> BankUsage:
     for module in adapter.modules:
         for side in ("A", "B"):
             if adapter.form.has_logits:
-                indices = adapter.tensor(logits_key(module, side)).topk(k).indices
+                indices = adapter.tensor(logits_key(module, side)).topk(k).indices  # (..., N) -> (..., k)
             else:
                 key = indices_key(module, side)
                 indices = adapter.tensor(key)

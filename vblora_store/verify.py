@@ -18,7 +18,7 @@ import torch
 from .errors import InvalidAdapterError
 from .format.keys import BANK_KEY, indices_key, logits_key, weights_key
 from .format.peft import StoredAdapter, check_tensor_values
-from .topk import complete_weights, compose
+from .topk import complete_weights, lora_factors, mix_weights
 
 __all__ = ["ModuleError", "Verification", "module_factors", "verify_adapters", "render"]
 
@@ -67,19 +67,14 @@ def module_factors(
     bank = _checked(adapter, BANK_KEY).to(dtype)
     k = adapter.config.topk
     for module in adapter.modules if modules is None else modules:
-        sides = {}
+        sides = []
         for side in ("A", "B"):
             if adapter.form.has_logits:
-                top, indices = _checked(adapter, logits_key(module, side)).to(dtype).topk(k)
-                weights = torch.softmax(top, dim=-1)
+                sides += mix_weights(_checked(adapter, logits_key(module, side)).to(dtype), k)
             else:
                 indices = _checked(adapter, indices_key(module, side))
-                weights = complete_weights(_checked(adapter, weights_key(module, side)).to(dtype))
-            sides[side] = compose(indices, weights, bank)
-        r = sides["A"].shape[0]
-        a = sides["A"].reshape(r, -1)  # (r, in/L, L) -> (r, in)
-        b = sides["B"].transpose(1, 2).reshape(-1, r)  # (out/L, r, L) -> (out/L, L, r) -> (out, r)
-        yield module, a, b
+                sides += [indices, complete_weights(_checked(adapter, weights_key(module, side)).to(dtype))]
+        yield (module, *lora_factors(*sides, bank))
 
 
 def _checked(adapter: StoredAdapter, key: str) -> torch.Tensor:

@@ -25,7 +25,7 @@ from torch import nn
 
 from ..config import VBLoRAConfig
 from ..errors import AdapterStateError, TargetingError
-from ..topk import complete_weights, delta_weight, lora_factors, select_topk
+from ..topk import complete_weights, delta_weight, lora_factors, mix_weights
 
 __all__ = ["VBLoRALinear", "TopKFactors", "layer_features", "check_fits"]
 
@@ -232,13 +232,8 @@ class VBLoRALinear(nn.Module):
             )  # (..., k-1) -> (..., k)
         else:
             k = self.topk[adapter]
-            a_idx, a_w = select_topk(
-                sources[1].to(compute), k, torch.long
-            )  # (r, in/L, N) -> (r, in/L, k|k-1)
-            b_idx, b_w = select_topk(
-                sources[2].to(compute), k, torch.long
-            )  # (out/L, r, N) -> (out/L, r, k|k-1)
-            a_w, b_w = complete_weights(a_w), complete_weights(b_w)  # (..., k-1) -> (..., k)
+            a_idx, a_w = mix_weights(sources[1].to(compute), k)  # (r, in/L, N) -> (r, in/L, k)
+            b_idx, b_w = mix_weights(sources[2].to(compute), k)  # (out/L, r, N) -> (out/L, r, k)
         return lora_factors(a_idx, a_w, b_idx, b_w, bank)
 
     def factors(
