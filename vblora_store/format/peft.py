@@ -367,7 +367,12 @@ def _check_link(file: Path, folder: Path) -> None:
     """
     if not file.is_symlink():
         return
-    base, target = folder.resolve(), file.resolve()
+    try:
+        base, target = folder.resolve(), file.resolve(strict=True)
+    except (OSError, RuntimeError) as e:  # dangling, or a loop (RuntimeError before Python 3.13)
+        raise AdapterNotFoundError(
+            f"{file}: is a symbolic link that leads to no file ({e}); replace it with the file."
+        ) from e
     if _is_within(target, base):
         return
     for snapshot in (base, *base.parents):
