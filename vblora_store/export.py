@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 
 from .config import CONFIG_NAME, VBLoRAConfig
 from .format.atomic import atomic_folder, check_destination
-from .format.convert import SAFETENSORS_METADATA
+from .format.conversion import SAFETENSORS_METADATA
 from .format.keys import MODEL_PREFIX, WEIGHTS_NAME
 from .format.peft import StoredAdapter, read_adapters
 from .verify import module_factors

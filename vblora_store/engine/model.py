@@ -21,7 +21,7 @@ from torch import nn
 
 from ..config import VBLoRAConfig
 from ..errors import AdapterStateError, TargetingError
-from ..format.convert import write_adapter
+from ..format.conversion import write_adapter
 from ..format.keys import BANK_KEY, StorageForm, indices_key, logits_key, weights_key
 from ..format.peft import StoredAdapter, read_adapter
 from ..hub import resolve_source

@@ -1,7 +1,7 @@
 """The format layer: PEFT's adapter files, read lazily and written exactly."""
 
 from .atomic import atomic_folder, check_destination
-from .convert import convert, convert_tensors, write_adapter
+from .conversion import convert, convert_tensors, write_adapter
 from .keys import BANK_KEY, StorageForm, index_dtype
 from .peft import ModuleShape, StoredAdapter, TensorSpec, find_adapter_folders, read_adapter, read_adapters
 
