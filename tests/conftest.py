@@ -19,12 +19,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-ROOT = Path(__file__).resolve().parent.parent
-# Import the package from this checkout.  (An editable install made while the package had
-# no __init__.py registers it as a namespace package, which hides its __init__ exports.)
-sys.path.insert(0, str(ROOT))
+from vblora_store.cli import main as cli_main
 
-from vblora_store.cli import main as cli_main  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "fixtures"
 SINGLE_FIXTURE = FIXTURES / "tiny-llama-vblora"
 MULTI_FIXTURE = FIXTURES / "tiny-llama-vblora-multi"
