@@ -9,6 +9,7 @@ Exit codes:
 from __future__ import annotations
 
 import functools
+import inspect
 import sys
 import traceback
 from typing import Optional
@@ -81,7 +82,7 @@ def _sources(*names: str):
             return command(*args, **kwargs)
 
         wrapper.__doc__ = (
-            f"{command.__doc__}\n\n{'/'.join(n.upper() for n in names)} may also be a Hub repo id "
+            f"{inspect.cleandoc(command.__doc__)}\n\n{'/'.join(n.upper() for n in names)} may also be a Hub repo id "
             "(namespace/name); a local path that exists wins."
         )
         subfolder_help = "The adapter's folder inside each source (repo or local)."
@@ -89,6 +90,12 @@ def _sources(*names: str):
         return click.option("--revision", help="Branch, tag or commit of Hub repo sources  [default: main]")(wrapper)
 
     return decorate
+
+
+def _enum_option(flag: str, enum: type, default, help: str, *names: str):
+    """A ``--flag`` choosing one member of a ``str`` Enum by value, with its default shown."""
+    choices = click.Choice([m.value for m in enum])
+    return click.option(flag, *names, type=choices, default=default.value, show_default=True, help=help)
 
 
 @main.command("inspect")
@@ -105,28 +112,16 @@ def inspect_cmd(path: str, as_json: bool) -> None:
 @_sources("src")
 @click.argument("src", type=click.Path(path_type=str))
 @click.argument("dst", type=click.Path(path_type=str))
-@click.option(
-    "--to",
-    "to",
-    type=click.Choice([f.value for f in StorageForm]),
-    default=StorageForm.TOPK.value,
-    show_default=True,
-    help="Target storage form.",
-)
+@_enum_option("--to", StorageForm, StorageForm.TOPK, "Target storage form.")
 @click.option("--force", is_flag=True, help="Replace DST if it exists.")
-@click.option(
-    "--weights-dtype",
-    type=click.Choice([d.value for d in WeightsDtype]),
-    default=WeightsDtype.FLOAT32.value,
-    show_default=True,
-    help="Packed form: top-k weights precision (float32 is lossless).",
+@_enum_option(
+    "--weights-dtype", WeightsDtype, WeightsDtype.FLOAT32, "Packed form: top-k weights precision (float32 is lossless)."
 )
-@click.option(
+@_enum_option(
     "--bank-dtype",
-    type=click.Choice([d.value for d in BankDtype]),
-    default=BankDtype.FLOAT32.value,
-    show_default=True,
-    help="Packed form: vector bank precision (float32 is lossless; int8 keeps a scale per vector).",
+    BankDtype,
+    BankDtype.FLOAT32,
+    "Packed form: vector bank precision (float32 is lossless; int8 keeps a scale per vector).",
 )
 @click.option(
     "--recursive",
@@ -181,13 +176,7 @@ def _render_batch(result: BatchResult) -> int:
 @main.command("report")
 @_sources("paths")
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=str))
-@click.option(
-    "--format",
-    "fmt",
-    type=click.Choice([f.value for f in ReportFormat]),
-    default=ReportFormat.TEXT.value,
-    show_default=True,
-)
+@_enum_option("--format", ReportFormat, ReportFormat.TEXT, "How to print the report.", "fmt")
 @click.option("--max-bytes", type=click.IntRange(min=0), help="Exit 1 if a weights file is larger.")
 @click.option(
     "--min-compression",
@@ -283,13 +272,7 @@ def export_lora_cmd(src: str, dst: str, force: bool) -> None:
 @click.argument("base_dir", type=click.Path(path_type=str))
 @click.argument("adapter", type=click.Path(path_type=str))
 @click.argument("out", type=click.Path(path_type=str))
-@click.option(
-    "--dtype",
-    type=click.Choice([d.value for d in MergeDtype]),
-    default=MergeDtype.AUTO.value,
-    show_default=True,
-    help="Dtype of the merged weights; auto keeps the base checkpoint's.",
-)
+@_enum_option("--dtype", MergeDtype, MergeDtype.AUTO, "Dtype of the merged weights; auto keeps the base checkpoint's.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 def merge_cmd(base_dir: str, adapter: str, out: str, dtype: str, force: bool) -> None:
     """Merge the adapter in ADAPTER into the safetensors checkpoint BASE_DIR, writing the checkpoint OUT."""
