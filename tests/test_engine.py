@@ -189,3 +189,15 @@ def test_conv1d_model_matches_peft(tmp_path):
     merged = ours.merge_and_unload().state_dict()
     for key, value in theirs.merge_and_unload().state_dict().items():
         assert torch.allclose(merged[key], value, atol=1e-6), key
+
+
+def test_modules_to_save_matches_by_plain_suffix_like_peft():
+    """PEFT's fixture adapter with modules_to_save=["norm"] (which PEFT applies to every *norm, not
+    just ``model.norm``) loads here with PEFT's outputs."""
+    from conftest import EVAL_IDS, MULTI_FIXTURE, load_peft
+    from conftest import tiny_llama as fixture_llama
+
+    folder = MULTI_FIXTURE / "second"
+    ours = VBLoRAModel.from_pretrained(fixture_llama(), folder)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=EVAL_IDS).logits, load_peft(folder)(input_ids=EVAL_IDS).logits)

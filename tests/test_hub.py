@@ -146,6 +146,22 @@ def test_push_multi_topk_keeps_layout_and_subfolder_selects_one(hub, tmp_path):
     assert json.loads(second.stdout)["adapters"][0]["path"].endswith("second")
 
 
+def test_engine_loads_by_repo_id_and_subfolder_like_the_local_folder(hub):
+    """VBLoRAModel.from_pretrained takes a repo id (and subfolder): same outputs as the local folder."""
+    import torch
+
+    from conftest import EVAL_IDS, tiny_llama
+    from vblora_store import VBLoRAModel
+
+    _push(str(MULTI_FIXTURE), "acme/engine", "--to", "packed")
+    for subfolder, local in ((None, MULTI_FIXTURE), ("second", MULTI_FIXTURE / "second")):
+        remote = VBLoRAModel.from_pretrained(tiny_llama(), "acme/engine", subfolder=subfolder)
+        reference = VBLoRAModel.from_pretrained(tiny_llama(), local)
+        with torch.no_grad():
+            torch.testing.assert_close(remote(input_ids=EVAL_IDS).logits, reference(input_ids=EVAL_IDS).logits)
+    assert _downloaded(hub) == ADAPTER_FILES | {f"second/{name}" for name in ADAPTER_FILES}
+
+
 def test_push_as_stored_uploads_exactly_the_folder_files(hub, multi_copy):
     (multi_copy / "notes.txt").write_text("not an adapter file")
     _push(str(multi_copy), "acme/as-stored")

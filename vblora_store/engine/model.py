@@ -323,8 +323,9 @@ class VBLoRAModel(nn.Module):
         self._activate(self.active_adapter or adapter)
 
     def _add_modules_to_save(self, adapter: str, names: list[str]) -> None:
+        # PEFT's rule (``_set_trainable``): a plain suffix match, so "norm" also takes "input_layernorm".
         for key, module in list(self.model.named_modules()):
-            if not key or not any(key == n or key.endswith(f".{n}") for n in names):
+            if not key or not any(key.endswith(n) for n in names):
                 continue
             if not isinstance(module, ModulesToSave):
                 module = ModulesToSave(module, name=key)
