@@ -110,4 +110,4 @@ def lora_factors(
 def delta_weight(a: torch.Tensor, b: torch.Tensor, *, fan_in_fan_out: bool = False) -> torch.Tensor:
     """``ΔW = B @ A``: ``(out, in)``, or ``(in, out)`` when ``fan_in_fan_out``."""
     delta = b @ a  # (out, r) @ (r, in) -> (out, in)
-    return delta.T if fan_in_fan_out else delta
+    return delta.T if fan_in_fan_out else delta  # (out, in) -> (in, out) for Conv1D

@@ -130,7 +130,7 @@ def verify_adapters(reference: StoredAdapter, candidate: StoredAdapter) -> Verif
 
 def _product_norm(a: torch.Tensor, b: torch.Tensor) -> float:
     """``||B @ A||_F`` from the (r, r) Gram matrices: ``sqrt(sum((BᵀB) * (AAᵀ)))``, no (out, in) matrix."""
-    return float(((b.T @ b) * (a @ a.T)).sum().clamp(min=0).sqrt())
+    return float(((b.T @ b) * (a @ a.T)).sum().clamp(min=0).sqrt())  # (r, out)@(out, r) * (r, in)@(in, r)
 
 
 def render(verifications: list[Verification], *, tol: float, as_json: bool) -> str:
