@@ -162,6 +162,15 @@ def test_engine_loads_by_repo_id_and_subfolder_like_the_local_folder(hub):
     assert _downloaded(hub) == ADAPTER_FILES | {f"second/{name}" for name in ADAPTER_FILES}
 
 
+def test_export_lora_takes_a_repo_id(hub, tmp_path):
+    """export-lora reads a repo id like a folder: the same LoRA files as from the local adapter."""
+    _push(str(SINGLE_FIXTURE), "acme/export", "--to", "packed")
+    convert(SINGLE_FIXTURE, tmp_path / "packed", to="packed")
+    assert run_cli("export-lora", "acme/export", tmp_path / "from-hub").exit_code == 0
+    assert run_cli("export-lora", str(tmp_path / "packed"), tmp_path / "local").exit_code == 0
+    assert snapshot(tmp_path / "from-hub") == snapshot(tmp_path / "local")
+
+
 def test_push_as_stored_uploads_exactly_the_folder_files(hub, multi_copy):
     (multi_copy / "notes.txt").write_text("not an adapter file")
     _push(str(multi_copy), "acme/as-stored")

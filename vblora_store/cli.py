@@ -256,6 +256,7 @@ def push_cmd(
 
 
 @main.command("export-lora")
+@_sources("src")
 @click.argument("src", type=click.Path(path_type=str))
 @click.argument("dst", type=click.Path(path_type=str))
 @click.option("--force", is_flag=True, help="Replace DST if it exists.")
@@ -269,6 +270,7 @@ def export_lora_cmd(src: str, dst: str, force: bool) -> None:
 
 
 @main.command("merge")
+@_sources("adapter")
 @click.argument("base_dir", type=click.Path(path_type=str))
 @click.argument("adapter", type=click.Path(path_type=str))
 @click.argument("out", type=click.Path(path_type=str))
