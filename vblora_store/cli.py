@@ -61,7 +61,7 @@ class _Group(click.Group):
 @click.version_option(package_name="vblora_store")
 @click.pass_context
 def main(ctx: click.Context, debug: bool) -> None:
-    """Store, convert and report VB-LoRA adapters saved by PEFT; no base model needed."""
+    """Store, convert, verify, export and publish VB-LoRA adapters saved by PEFT; no base model needed."""
     ctx.obj = {"debug": debug}
 
 
