@@ -113,15 +113,15 @@ def lora_tensors(adapter: StoredAdapter) -> Iterator[tuple[str, torch.Tensor]]:
         yield lora_key(module, "A"), a.contiguous()
         yield lora_key(module, "B"), b.contiguous()
     for key in adapter.other_keys:
-        yield key, adapter.tensor(key)
+        yield key, adapter.checked_tensor(key)
 
 
 def export_lora(src: Union[str, Path], dst: Union[str, Path], *, force: bool = False) -> list[StoredAdapter]:
     """Write every adapter of the folder ``src`` as a PEFT LoRA adapter into ``dst``, atomically.
 
     The layout is kept (``default`` at the root, other adapters in
-    sub-folders).  Every stored value is checked first (finite, indices in
-    range); nothing appears at ``dst`` unless every adapter exported.
+    sub-folders).  Every stored value is checked as it is read (finite,
+    indices in range); nothing appears at ``dst`` unless every adapter exported.
 
     Args:
         src: A PEFT VB-LoRA adapter folder, any form (full, top-k, packed).
@@ -143,8 +143,6 @@ def export_lora(src: Union[str, Path], dst: Union[str, Path], *, force: bool = F
     src = Path(src)
     check_destination(dst, force=force, sources=(src,))
     adapters = read_adapters(src)
-    for adapter in adapters:
-        adapter.check_values()
     with atomic_folder(dst, force=force) as work:
         for adapter in adapters:
             folder = work if adapter.folder == src else work / adapter.name

@@ -16,7 +16,7 @@ import torch
 from .errors import VBLoRAStoreError
 from .format.atomic import atomic_file
 from .format.keys import indices_key, logits_key
-from .format.peft import StoredAdapter, check_tensor_values
+from .format.peft import StoredAdapter
 
 __all__ = ["BankUsage", "bank_usage", "plot_usage"]
 
@@ -57,9 +57,7 @@ def bank_usage(adapter: StoredAdapter) -> BankUsage:
             if adapter.form.has_logits:
                 indices = adapter.tensor(logits_key(module, side)).topk(k).indices  # (..., N) -> (..., k)
             else:
-                key = indices_key(module, side)
-                indices = adapter.tensor(key)
-                check_tensor_values(adapter, key, indices)  # bincount allocates max(index) + 1 counts
+                indices = adapter.checked_tensor(indices_key(module, side))  # bincount allocates max + 1
             counts += torch.bincount(indices.reshape(-1).long(), minlength=n)  # (..., k) -> (slots·k,)
     return BankUsage(f"{adapter.folder} [{adapter.name}]", counts)
 

@@ -17,7 +17,7 @@ import torch
 
 from .errors import InvalidAdapterError
 from .format.keys import BANK_KEY, indices_key, logits_key, weights_key
-from .format.peft import StoredAdapter, check_tensor_values
+from .format.peft import StoredAdapter
 from .topk import complete_weights, lora_factors, mix_weights
 
 __all__ = ["ModuleError", "Verification", "module_factors", "verify_adapters", "render"]
@@ -64,24 +64,17 @@ def module_factors(
     Raises:
         InvalidAdapterError: a stored value is bad (NaN, index out of range).
     """
-    bank = _checked(adapter, BANK_KEY).to(dtype)
+    bank = adapter.checked_tensor(BANK_KEY).to(dtype)
     k = adapter.config.topk
     for module in adapter.modules if modules is None else modules:
         sides = []
         for side in ("A", "B"):
             if adapter.form.has_logits:
-                sides += mix_weights(_checked(adapter, logits_key(module, side)).to(dtype), k)
+                sides += mix_weights(adapter.checked_tensor(logits_key(module, side)).to(dtype), k)
             else:
-                indices = _checked(adapter, indices_key(module, side))
-                sides += [indices, complete_weights(_checked(adapter, weights_key(module, side)).to(dtype))]
+                indices = adapter.checked_tensor(indices_key(module, side))
+                sides += [indices, complete_weights(adapter.checked_tensor(weights_key(module, side)).to(dtype))]
         yield (module, *lora_factors(*sides, bank))
-
-
-def _checked(adapter: StoredAdapter, key: str) -> torch.Tensor:
-    """Read one tensor and check its values (an index outside the bank would be read as another vector)."""
-    value = adapter.tensor(key)
-    check_tensor_values(adapter, key, value)
-    return value
 
 
 def verify_adapters(reference: StoredAdapter, candidate: StoredAdapter) -> Verification:

@@ -20,7 +20,7 @@ from ..topk import select_topk
 from .atomic import atomic_folder, check_destination
 from .packed import BankDtype, WeightsDtype, pack_topk
 from .keys import WEIGHTS_NAME, StorageForm, index_dtype, indices_key, parse_key, weights_key
-from .peft import StoredAdapter, check_tensor_values, read_adapters
+from .peft import StoredAdapter, read_adapters
 
 __all__ = ["convert_tensors", "write_adapter", "convert", "SAFETENSORS_METADATA"]
 
@@ -68,8 +68,7 @@ def convert_tensors(
     k, idx_dtype = adapter.config.topk, index_dtype(adapter.config.num_vectors)
     out: dict[str, torch.Tensor] = {}
     for key in adapter.specs:
-        value = adapter.tensor(key)
-        check_tensor_values(adapter, key, value)
+        value = adapter.checked_tensor(key)
         parts = parse_key(key)
         if not to.has_logits and parts is not None and parts.part == "logits":
             indices, weights = select_topk(value, k, idx_dtype)

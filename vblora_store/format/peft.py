@@ -136,27 +136,28 @@ class StoredAdapter:
                 "fetch it again."
             ) from e
 
-    def side_tensors(self) -> Iterator[tuple[str, str, dict[str, str]]]:
-        """Yield ``(module, side, keys)`` for every module side, ``keys`` by part name."""
-        for module in self.modules:
-            for side in ("A", "B"):
-                if self.form is StorageForm.FULL:
-                    yield module, side, {"logits": logits_key(module, side)}
-                else:
-                    yield module, side, {"indices": indices_key(module, side), "weights": weights_key(module, side)}
+    def checked_tensor(self, key: str) -> torch.Tensor:
+        """Read one stored tensor and check its values (see :func:`check_tensor_values`).
+
+        Everything that computes from an adapter reads through this: a NaN, or an
+        index outside the bank (which would silently select another vector), is
+        refused rather than used.
+
+        Raises:
+            InvalidAdapterError: naming the file and the tensor.
+        """
+        value = self.tensor(key)
+        check_tensor_values(self, key, value)
+        return value
 
     def check_values(self) -> None:
-        """Read every tensor once and check values: finite floats, indices in ``[0, N)``.
+        """Read every tensor once and check its values: finite floats, indices in ``[0, N)``.
 
         Raises:
             InvalidAdapterError: naming the file and the first bad tensor.
         """
-        for key, spec in self.specs.items():
-            check_tensor_values(self, key, self.tensor(key))
-
-    def to_config_dict(self) -> dict:
-        """The config as a dictionary (unknown keys kept)."""
-        return self.config.to_dict()
+        for key in self.specs:
+            self.checked_tensor(key)
 
 
 def _all_finite(value: torch.Tensor) -> bool:
