@@ -83,7 +83,9 @@ def main() -> None:
             note = " (extrapolated from a tenth)" if label == "one process each" else ""
             print(f"  {label:<18} {median:8.1f} s  {args.adapters / median:7.1f} adapters/s{note}")
         base = statistics.median(times["jobs 1"])
-        print(f"  speed-up jobs {args.jobs} / jobs 1: {base / statistics.median(times[f'jobs {args.jobs}']):.2f}x")
+        print(
+            f"  speed-up jobs {args.jobs} / jobs 1: {base / statistics.median(times[f'jobs {args.jobs}']):.2f}x"
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

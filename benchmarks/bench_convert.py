@@ -134,9 +134,11 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=5, help="measured rounds (default 5)")
     parser.add_argument("--adapter", type=Path, help="full adapter folder to use, generated there if missing")
     parser.add_argument("--json", type=Path, help="also write every figure to this file")
-    parser.add_argument("--threads", type=int,
-                        help="set OMP_NUM_THREADS/MKL_NUM_THREADS for both commands "
-                        "(default: torch's own choice)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="set OMP_NUM_THREADS/MKL_NUM_THREADS for both commands " "(default: torch's own choice)",
+    )
     args = parser.parse_args(argv)
 
     cli = _cli_path()
@@ -163,8 +165,12 @@ def main(argv=None) -> int:
 
         # the convert command must not pull in huggingface_hub (import time and memory)
         probe = "import sys, vblora_store.cli; print('huggingface_hub' in sys.modules)"
-        hub = subprocess.run([sys.executable, "-c", probe],
-                             check=True, capture_output=True, text=True).stdout.strip() == "True"
+        hub = (
+            subprocess.run(
+                [sys.executable, "-c", probe], check=True, capture_output=True, text=True
+            ).stdout.strip()
+            == "True"
+        )
 
         # warm-up, untimed: page cache for the source, the interpreter, torch's libraries and .pyc files
         with open(src / "adapter_model.safetensors", "rb") as f:
@@ -181,13 +187,19 @@ def main(argv=None) -> int:
                 samples[name].append(once(name))
             lw, lr, _ = samples[LOWER][-1]
             cw, cr, _ = samples[CLI][-1]
-            print(f"round {i + 1}/{args.rounds} ({order[0]} first): "
-                  f"lower bound {lw:.2f} s {lr / 2**20:.0f} MiB, convert {cw:.2f} s {cr / 2**20:.0f} MiB",
-                  flush=True)
+            print(
+                f"round {i + 1}/{args.rounds} ({order[0]} first): "
+                f"lower bound {lw:.2f} s {lr / 2**20:.0f} MiB, convert {cw:.2f} s {cr / 2**20:.0f} MiB",
+                flush=True,
+            )
         load_after = os.getloadavg()
 
-        sanity = subprocess.run([sys.executable, "-c", _SANITY, str(out[LOWER]), str(out[CLI])],
-                                check=True, capture_output=True, text=True)
+        sanity = subprocess.run(
+            [sys.executable, "-c", _SANITY, str(out[LOWER]), str(out[CLI])],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
         identical = json.loads(sanity.stdout)
 
         stats = {name: _summary(s) for name, s in samples.items()}
@@ -201,54 +213,74 @@ def main(argv=None) -> int:
         # per-round (paired) ratios: both commands of a round ran back to back, so they saw the same load
         for j, metric in enumerate(METRICS):
             ratio[metric]["paired_median"] = statistics.median(
-                c[j] / lo[j] for c, lo in zip(samples[CLI], samples[LOWER]))
+                c[j] / lo[j] for c, lo in zip(samples[CLI], samples[LOWER])
+            )
         parent_rss = __import__("resource").getrusage(__import__("resource").RUSAGE_SELF).ru_maxrss * 1024
 
         print()
         threads = f"OMP_NUM_THREADS={args.threads}" if args.threads else "default threads"
-        print(f"source: {src} ({src_bytes / 1e6:.1f} MB), {args.rounds} interleaved rounds, warm page cache, "
-              f"{threads}")
-        print(f"{'':22} {'wall median':>12} {'wall min':>10} {'RSS median':>12} {'RSS min':>10} "
-              f"{'CPU median':>11} {'CPU min':>9}")
+        print(
+            f"source: {src} ({src_bytes / 1e6:.1f} MB), {args.rounds} interleaved rounds, warm page cache, "
+            f"{threads}"
+        )
+        print(
+            f"{'':22} {'wall median':>12} {'wall min':>10} {'RSS median':>12} {'RSS min':>10} "
+            f"{'CPU median':>11} {'CPU min':>9}"
+        )
         for name in (LOWER, CLI):
             w, r, c = (stats[name][m] for m in METRICS)
-            print(f"{name:22} {w['median']:>10.2f} s {w['min']:>8.2f} s "
-                  f"{r['median'] / 2**20:>8.0f} MiB {r['min'] / 2**20:>6.0f} MiB "
-                  f"{c['median']:>9.2f} s {c['min']:>7.2f} s")
+            print(
+                f"{name:22} {w['median']:>10.2f} s {w['min']:>8.2f} s "
+                f"{r['median'] / 2**20:>8.0f} MiB {r['min'] / 2**20:>6.0f} MiB "
+                f"{c['median']:>9.2f} s {c['min']:>7.2f} s"
+            )
         w, r, c = (ratio[m] for m in METRICS)
-        print(f"{'ratio convert/lower':22} {w['median']:>11.2f}x {w['min']:>9.2f}x "
-              f"{r['median']:>11.2f}x {r['min']:>9.2f}x {c['median']:>10.2f}x {c['min']:>8.2f}x")
-        print(f"{'paired ratio (median)':22} {w['paired_median']:>11.2f}x {'':>10} "
-              f"{r['paired_median']:>11.2f}x {'':>10} {c['paired_median']:>10.2f}x")
+        print(
+            f"{'ratio convert/lower':22} {w['median']:>11.2f}x {w['min']:>9.2f}x "
+            f"{r['median']:>11.2f}x {r['min']:>9.2f}x {c['median']:>10.2f}x {c['min']:>8.2f}x"
+        )
+        print(
+            f"{'paired ratio (median)':22} {w['paired_median']:>11.2f}x {'':>10} "
+            f"{r['paired_median']:>11.2f}x {'':>10} {c['paired_median']:>10.2f}x"
+        )
         ok = w["median"] <= TARGET_RATIO and r["median"] <= TARGET_RATIO
         print(f"target <= {TARGET_RATIO}x of the lower bound (medians): {'met' if ok else 'NOT met'}")
-        print(f"outputs: {identical['tensors']} tensors identical; files byte-identical: "
-              f"{identical['byte_identical']}")
+        print(
+            f"outputs: {identical['tensors']} tensors identical; files byte-identical: "
+            f"{identical['byte_identical']}"
+        )
         print(f"huggingface_hub imported by the CLI: {'YES' if hub else 'no'}")
-        print(f"load average before/after: {load_before[0]:.2f}/{load_after[0]:.2f}; "
-              f"this process's peak RSS {parent_rss / 2**20:.0f} MiB")
+        print(
+            f"load average before/after: {load_before[0]:.2f}/{load_after[0]:.2f}; "
+            f"this process's peak RSS {parent_rss / 2**20:.0f} MiB"
+        )
 
         if args.json:
-            args.json.write_text(json.dumps({
-                "benchmark": "convert full->topk, Llama2-7B-shaped VB-LoRA adapter",
-                "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "command": "python benchmarks/bench_convert.py "
-                + " ".join(argv if argv is not None else sys.argv[1:]),
-                "rounds": args.rounds,
-                "threads": args.threads,
-                "cli_imports_huggingface_hub": hub,
-                "source_bytes": src_bytes,
-                "commands": cmds,
-                "stats": stats,
-                "ratio_convert_over_lower": ratio,
-                "target_ratio": TARGET_RATIO,
-                "target_met": ok,
-                "outputs": identical,
-                "load_average_before_after": [load_before, load_after],
-                "parent_peak_rss_bytes": parent_rss,
-                "machine": _machine(),
-                "versions": _versions(),
-            }, indent=2))
+            args.json.write_text(
+                json.dumps(
+                    {
+                        "benchmark": "convert full->topk, Llama2-7B-shaped VB-LoRA adapter",
+                        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                        "command": "python benchmarks/bench_convert.py "
+                        + " ".join(argv if argv is not None else sys.argv[1:]),
+                        "rounds": args.rounds,
+                        "threads": args.threads,
+                        "cli_imports_huggingface_hub": hub,
+                        "source_bytes": src_bytes,
+                        "commands": cmds,
+                        "stats": stats,
+                        "ratio_convert_over_lower": ratio,
+                        "target_ratio": TARGET_RATIO,
+                        "target_met": ok,
+                        "outputs": identical,
+                        "load_average_before_after": [load_before, load_after],
+                        "parent_peak_rss_bytes": parent_rss,
+                        "machine": _machine(),
+                        "versions": _versions(),
+                    },
+                    indent=2,
+                )
+            )
         return 0
     finally:
         shutil.rmtree(work, ignore_errors=True)

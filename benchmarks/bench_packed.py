@@ -32,10 +32,22 @@ VARIANTS = [
     ("top-k (PEFT)", {"to": "topk"}, None),
     ("packed, lossless", {"to": "packed"}, 2_380_000),
     ("packed, weights fp16", {"to": "packed", "weights_dtype": "float16"}, None),
-    ("packed, bank+weights fp16", {"to": "packed", "weights_dtype": "float16", "bank_dtype": "float16"}, 1_260_000),
-    ("packed, bank+weights bf16", {"to": "packed", "weights_dtype": "bfloat16", "bank_dtype": "bfloat16"}, None),
+    (
+        "packed, bank+weights fp16",
+        {"to": "packed", "weights_dtype": "float16", "bank_dtype": "float16"},
+        1_260_000,
+    ),
+    (
+        "packed, bank+weights bf16",
+        {"to": "packed", "weights_dtype": "bfloat16", "bank_dtype": "bfloat16"},
+        None,
+    ),
     ("packed, bank int8, weights fp32", {"to": "packed", "bank_dtype": "int8"}, None),
-    ("packed, bank int8, weights fp16", {"to": "packed", "weights_dtype": "float16", "bank_dtype": "int8"}, 750_000),
+    (
+        "packed, bank int8, weights fp16",
+        {"to": "packed", "weights_dtype": "float16", "bank_dtype": "int8"},
+        750_000,
+    ),
 ]
 
 

@@ -99,8 +99,9 @@ def tensor_layout(
 ) -> dict[str, tuple[int, ...]]:
     """Every tensor's shape (all float32), by key."""
     dims = {m: (hidden, hidden) for m in _ATTENTION}
-    dims.update(gate_proj=(hidden, intermediate), up_proj=(hidden, intermediate),
-                down_proj=(intermediate, hidden))
+    dims.update(
+        gate_proj=(hidden, intermediate), up_proj=(hidden, intermediate), down_proj=(intermediate, hidden)
+    )
     shapes: dict[str, tuple[int, ...]] = {BANK_KEY: (num_vectors, vector_length)}
     for i in range(num_layers):
         for m in _ATTENTION + _MLP:
@@ -168,8 +169,9 @@ def make_llama7b_adapter(path: Union[str, Path], *, seed: int = 0, **dims: int) 
         raise TypeError(f"unknown dimension(s) {sorted(unknown)}; known: {sorted(LLAMA7B)}")
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
-    config = adapter_config(r=dims["r"], num_vectors=dims["num_vectors"], vector_length=dims["vector_length"],
-                            topk=dims["topk"])
+    config = adapter_config(
+        r=dims["r"], num_vectors=dims["num_vectors"], vector_length=dims["vector_length"], topk=dims["topk"]
+    )
     shapes = tensor_layout(**dims)
     tmp = folder / (WEIGHTS_NAME + ".partial")
     with open(tmp, "wb") as f:
@@ -202,9 +204,11 @@ def main(argv=None) -> None:
     parser.add_argument("path", help="adapter folder to write")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--layers", type=int, default=LLAMA7B["num_layers"], help="number of decoder layers")
-    parser.add_argument("--check", action="store_true",
-                        help="only check the writer against safetensors' save_file "
-                        "(2 layers, under PATH/check)")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="only check the writer against safetensors' save_file " "(2 layers, under PATH/check)",
+    )
     args = parser.parse_args(argv)
     if args.check:
         check_against_save_file(Path(args.path) / "check")

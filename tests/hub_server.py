@@ -259,10 +259,17 @@ def _handler_for(hub: HubServer) -> type[BaseHTTPRequestHandler]:
                 return self._revision_not_found()
             content = repo.commits[sha].get(path)
             if content is None:
-                return self._reply(404, {"error": "Entry not found"},
-                                   headers={"X-Error-Code": "EntryNotFound", "X-Repo-Commit": sha})
-            headers = {"ETag": f'"{git_blob_sha(content)}"', "X-Repo-Commit": sha,
-                       "Content-Type": "application/octet-stream", "Accept-Ranges": "bytes"}
+                return self._reply(
+                    404,
+                    {"error": "Entry not found"},
+                    headers={"X-Error-Code": "EntryNotFound", "X-Repo-Commit": sha},
+                )
+            headers = {
+                "ETag": f'"{git_blob_sha(content)}"',
+                "X-Repo-Commit": sha,
+                "Content-Type": "application/octet-stream",
+                "Accept-Ranges": "bytes",
+            }
             return self._reply(200, content, headers=headers)
 
         def _revision_not_found(self) -> None:

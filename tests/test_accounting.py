@@ -77,18 +77,42 @@ CASES = {
     # llama, int16 indices, topk 3
     "llama-N300-int16-k3": (tiny_llama, lambda: single_config(num_vectors=300, topk=3, vector_length=32)),
     # int32 indices (N = 2**15) on a one-layer model
-    "mlp-N32768-int32": (TinyMLP, lambda: vblora(r=1, num_vectors=2**15, vector_length=4, topk=2,
-                                                target_modules=["fc"])),
+    "mlp-N32768-int32": (
+        TinyMLP,
+        lambda: vblora(r=1, num_vectors=2**15, vector_length=4, topk=2, target_modules=["fc"]),
+    ),
     # sequence classification: PEFT adds the "score" head to modules_to_save
     "llama-seqcls-modules_to_save": (
-        tiny_llama_seq_cls, lambda: single_config(task_type="SEQ_CLS", target_modules=["q_proj", "v_proj"])),
+        tiny_llama_seq_cls,
+        lambda: single_config(task_type="SEQ_CLS", target_modules=["q_proj", "v_proj"]),
+    ),
     # GPT2's Conv1D needs fan_in_fan_out; biases trained and saved
-    "gpt2-bias-all": (tiny_gpt2, lambda: vblora(task_type="CAUSAL_LM", r=4, num_vectors=64, vector_length=16,
-                                                topk=2, target_modules=["c_attn", "c_proj"],
-                                                fan_in_fan_out=True, bias="all")),
-    "gpt2-bias-vblora_only": (tiny_gpt2, lambda: vblora(task_type="CAUSAL_LM", r=4, num_vectors=64,
-                                                        vector_length=16, topk=2, target_modules=["c_attn"],
-                                                        fan_in_fan_out=True, bias="vblora_only")),
+    "gpt2-bias-all": (
+        tiny_gpt2,
+        lambda: vblora(
+            task_type="CAUSAL_LM",
+            r=4,
+            num_vectors=64,
+            vector_length=16,
+            topk=2,
+            target_modules=["c_attn", "c_proj"],
+            fan_in_fan_out=True,
+            bias="all",
+        ),
+    ),
+    "gpt2-bias-vblora_only": (
+        tiny_gpt2,
+        lambda: vblora(
+            task_type="CAUSAL_LM",
+            r=4,
+            num_vectors=64,
+            vector_length=16,
+            topk=2,
+            target_modules=["c_attn"],
+            fan_in_fan_out=True,
+            bias="vblora_only",
+        ),
+    ),
 }
 
 

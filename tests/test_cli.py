@@ -20,8 +20,10 @@ CONFIG = "adapter_config.json"
 MODULES = [
     f"model.layers.{i}.{block}.{name}"
     for i in range(2)
-    for block, names in (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
-                         ("mlp", ("gate_proj", "up_proj", "down_proj")))
+    for block, names in (
+        ("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
+        ("mlp", ("gate_proj", "up_proj", "down_proj")),
+    )
     for name in names
 ]
 SLOTS = 2 * (4 * 4 * (64 + 64) // 16 + 3 * 4 * (64 + 128) // 16)  # r*(in+out)/L summed = 544

@@ -200,4 +200,6 @@ def test_modules_to_save_matches_by_plain_suffix_like_peft():
     folder = MULTI_FIXTURE / "second"
     ours = VBLoRAModel.from_pretrained(fixture_llama(), folder)
     with torch.no_grad():
-        torch.testing.assert_close(ours(input_ids=EVAL_IDS).logits, load_peft(folder)(input_ids=EVAL_IDS).logits)
+        torch.testing.assert_close(
+            ours(input_ids=EVAL_IDS).logits, load_peft(folder)(input_ids=EVAL_IDS).logits
+        )

@@ -126,8 +126,10 @@ def test_every_peft_key_parses_back_to_its_module_and_side(peft_saves):
     """Each logits/indices/weights key PEFT writes splits into (module, side, part) and rebuilds exactly."""
     modules = set(peft_vblora_modules(peft_saves.model))
     seen = set()
-    for folder, builders in ((peft_saves.full, {"logits": logits_key}),
-                             (peft_saves.topk, {"indices": indices_key, "weights": weights_key})):
+    for folder, builders in (
+        (peft_saves.full, {"logits": logits_key}),
+        (peft_saves.topk, {"indices": indices_key, "weights": weights_key}),
+    ):
         for key in load_file(str(folder / "adapter_model.safetensors")):
             parts = parse_key(key)
             if key == BANK_KEY:
@@ -169,8 +171,10 @@ def peft_index_dtype(num_vectors: int) -> torch.dtype:
     from peft.tuners.vblora.model import VBLoRAModel
 
     config = SimpleNamespace(num_vectors=num_vectors, save_only_topk_weights=True, topk=1, bias="none")
-    state = {"base_model.model.fc.vblora_logits_A": torch.randn(1, 1, 3),
-             "base_model.vblora_vector_bank.default": torch.zeros(1, 1)}
+    state = {
+        "base_model.model.fc.vblora_logits_A": torch.randn(1, 1, 3),
+        "base_model.vblora_vector_bank.default": torch.zeros(1, 1),
+    }
     out = VBLoRAModel._get_adapter_state_dict(None, config, "default", state, [])
     return out["base_model.model.fc.vblora_logits_A_topk_indices"].dtype
 

@@ -24,7 +24,14 @@ def _golden(name: str) -> str:
 def _example_full_adapter(folder: Path) -> None:
     """The full-form adapter of the worked example, written as PEFT writes it."""
     folder.mkdir()
-    config = {"peft_type": "VBLORA", "r": 1, "num_vectors": 3, "vector_length": 2, "topk": 2, "target_modules": ["fc"]}
+    config = {
+        "peft_type": "VBLORA",
+        "r": 1,
+        "num_vectors": 3,
+        "vector_length": 2,
+        "topk": 2,
+        "target_modules": ["fc"],
+    }
     (folder / "adapter_config.json").write_text(json.dumps(config))
     tensors = {
         "base_model.vblora_vector_bank": torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]),

@@ -136,7 +136,6 @@ def test_push_multi_topk_keeps_layout_and_subfolder_selects_one(hub, tmp_path):
     pushed = {name: content for name, content in files.items() if name not in (".gitattributes", "README.md")}
     assert pushed == {path: data for path, data in snapshot(local_topk).items() if data != b"<dir>"}
 
-
     verified = run_cli("verify", str(local_topk), "acme/multi")
     assert verified.exit_code == 0, verified.output
 
@@ -158,7 +157,9 @@ def test_engine_loads_by_repo_id_and_subfolder_like_the_local_folder(hub):
         remote = VBLoRAModel.from_pretrained(tiny_llama(), "acme/engine", subfolder=subfolder)
         reference = VBLoRAModel.from_pretrained(tiny_llama(), local)
         with torch.no_grad():
-            torch.testing.assert_close(remote(input_ids=EVAL_IDS).logits, reference(input_ids=EVAL_IDS).logits)
+            torch.testing.assert_close(
+                remote(input_ids=EVAL_IDS).logits, reference(input_ids=EVAL_IDS).logits
+            )
     assert _downloaded(hub) == ADAPTER_FILES | {f"second/{name}" for name in ADAPTER_FILES}
 
 

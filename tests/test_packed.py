@@ -18,7 +18,6 @@ from vblora_store.format.packed import _fit_simplex
 from vblora_store.topk import complete_weights
 from vblora_store.verify import verify_adapters
 
-
 # -- bit packing ---------------------------------------------------------------------
 
 
@@ -40,12 +39,16 @@ def test_round_trip_every_bit_width(bits):
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.integers(1, 40_000).flatmap(lambda n: st.tuples(st.just(n), st.lists(st.integers(0, n - 1), max_size=300))))
+@given(
+    st.integers(1, 40_000).flatmap(
+        lambda n: st.tuples(st.just(n), st.lists(st.integers(0, n - 1), max_size=300))
+    )
+)
 def test_round_trip_property(case):
     """Any values below N pack at ceil(log2 N) bits and come back unchanged."""
     n, values = case
     bits = bits_for(n)
-    assert 2 ** (bits - 1) < n <= 2**bits or (n == 1 and bits == 1)
+    assert 2 ** (bits - 1) < n <= 2 ** bits or (n == 1 and bits == 1)
     tensor = torch.tensor(values, dtype=torch.int64)
     packed = pack(tensor, bits)
     assert packed.numel() == packed_size(len(values), bits)
@@ -119,7 +122,9 @@ def test_multi_adapter_folder_packs_in_the_same_layout(multi_copy, tmp_path):
 def test_lossy_options_shrink_and_stay_close(peft_saves, tmp_path, weights_dtype, bank_dtype, bound):
     """Lower precision: a smaller file, reported as lossy, and ΔW within the dtype's rounding."""
     convert(peft_saves.full, tmp_path / "lossless", to="packed")
-    convert(peft_saves.full, tmp_path / "lossy", to="packed", weights_dtype=weights_dtype, bank_dtype=bank_dtype)
+    convert(
+        peft_saves.full, tmp_path / "lossy", to="packed", weights_dtype=weights_dtype, bank_dtype=bank_dtype
+    )
     lossless, lossy = read_adapters(tmp_path / "lossless")[0], read_adapters(tmp_path / "lossy")[0]
     assert lossy.file_bytes < lossless.file_bytes
     assert lossy.packing == {"weights_dtype": weights_dtype, "bank_dtype": bank_dtype, "index_bits": "6"}
@@ -150,7 +155,9 @@ def test_precision_options_need_the_packed_form(single_copy, tmp_path):
 def test_every_command_reads_packed(single_copy, tmp_path):
     """inspect, report and verify take packed folders; the report states the precision."""
     dst = tmp_path / "packed"
-    result = run_cli("convert", single_copy, dst, "--to", "packed", "--bank-dtype", "int8", "--weights-dtype", "float16")
+    result = run_cli(
+        "convert", single_copy, dst, "--to", "packed", "--bank-dtype", "int8", "--weights-dtype", "float16"
+    )
     assert result.exit_code == 0 and "weights float16, bank int8" in result.stdout
     described = json.loads(run_cli("inspect", dst, "--json").stdout)["adapters"][0]
     assert described["form"] == "packed"

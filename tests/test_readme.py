@@ -32,7 +32,11 @@ def test_quick_start_main_job_converts_the_fixture_and_prints_a_report(tmp_path)
     assert (ROOT / src / "adapter_config.json").is_file()
     argv[3] = str(tmp_path / Path(dst).name)
     result = subprocess.run(
-        [sys.executable, "-m", "vblora_store", *argv[1:]], cwd=ROOT, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "vblora_store", *argv[1:]],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr
     assert "topk form" in result.stdout and "compression" in result.stdout

@@ -26,7 +26,10 @@ def test_usage_counts_every_selected_index_of_peft_topk(peft_saves):
 def test_usage_is_the_same_in_every_form(peft_saves, tmp_path):
     """Full (top-k taken from the logits), top-k and packed adapters give the same counts."""
     convert(peft_saves.full, tmp_path / "packed", to="packed")
-    counts = [bank_usage(read_adapters(p)[0]).counts for p in (peft_saves.full, peft_saves.topk, tmp_path / "packed")]
+    counts = [
+        bank_usage(read_adapters(p)[0]).counts
+        for p in (peft_saves.full, peft_saves.topk, tmp_path / "packed")
+    ]
     assert torch.equal(counts[0], counts[1]) and torch.equal(counts[1], counts[2])
 
 

@@ -87,7 +87,9 @@ def _sources(*names: str):
         )
         subfolder_help = "The adapter's folder inside each source (repo or local)."
         wrapper = click.option("--subfolder", help=subfolder_help)(wrapper)
-        return click.option("--revision", help="Branch, tag or commit of Hub repo sources  [default: main]")(wrapper)
+        return click.option("--revision", help="Branch, tag or commit of Hub repo sources  [default: main]")(
+            wrapper
+        )
 
     return decorate
 
@@ -115,7 +117,10 @@ def inspect_cmd(path: str, as_json: bool) -> None:
 @_enum_option("--to", StorageForm, StorageForm.TOPK, "Target storage form.")
 @click.option("--force", is_flag=True, help="Replace DST if it exists.")
 @_enum_option(
-    "--weights-dtype", WeightsDtype, WeightsDtype.FLOAT32, "Packed form: top-k weights precision (float32 is lossless)."
+    "--weights-dtype",
+    WeightsDtype,
+    WeightsDtype.FLOAT32,
+    "Packed form: top-k weights precision (float32 is lossless).",
 )
 @_enum_option(
     "--bank-dtype",
@@ -129,7 +134,11 @@ def inspect_cmd(path: str, as_json: bool) -> None:
     help="Convert every adapter folder under SRC into the same relative path under DST.",
 )
 @click.option(
-    "--jobs", type=click.IntRange(min=1), default=1, show_default=True, help="With --recursive: worker processes."
+    "--jobs",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="With --recursive: worker processes.",
 )
 def convert_cmd(
     src: str, dst: str, to: str, force: bool, weights_dtype: str, bank_dtype: str, recursive: bool, jobs: int
@@ -152,7 +161,9 @@ def convert_cmd(
 def _batch_progress():
     """A progress bar on stderr when it is a terminal, else a plain line per adapter on stdout."""
     if not click.get_text_stream("stderr").isatty():
-        return lambda done, total, item: click.echo(f"{'converted' if item.error is None else 'failed'} {item.src}")
+        return lambda done, total, item: click.echo(
+            f"{'converted' if item.error is None else 'failed'} {item.src}"
+        )
     bar = {}
 
     def advance(done: int, total: int, item: BatchItem) -> None:
@@ -189,16 +200,24 @@ def _render_batch(result: BatchResult) -> int:
     help="Also write a PNG of bank-vector usage (needs the 'plot' extra: matplotlib).",
 )
 def report_cmd(
-    paths: tuple[str, ...], fmt: str, max_bytes: Optional[int], min_compression: Optional[float], plot: Optional[str]
+    paths: tuple[str, ...],
+    fmt: str,
+    max_bytes: Optional[int],
+    min_compression: Optional[float],
+    plot: Optional[str],
 ) -> None:
     """Report sizes and float32-equivalent parameter counts of the adapters in PATHS."""
     adapters = [a for path in paths for a in read_adapters(path)]
-    report = build_report([account(a) for a in adapters], max_bytes=max_bytes, min_compression=min_compression)
+    report = build_report(
+        [account(a) for a in adapters], max_bytes=max_bytes, min_compression=min_compression
+    )
     if plot:
         usages = [bank_usage(a) for a in adapters]
         plot_usage(usages, plot)
         for usage in usages:
-            click.echo(f"{usage.adapter}: {len(usage.unused)} of {len(usage.counts)} bank vectors unused", err=True)
+            click.echo(
+                f"{usage.adapter}: {len(usage.unused)} of {len(usage.counts)} bank vectors unused", err=True
+            )
     click.echo(report.render(ReportFormat(fmt)))
     sys.exit(report.exit_code)
 
@@ -207,7 +226,13 @@ def report_cmd(
 @_sources("a", "b")
 @click.argument("a", type=click.Path(path_type=str))
 @click.argument("b", type=click.Path(path_type=str))
-@click.option("--tol", type=click.FloatRange(min=0), default=1e-6, show_default=True, help="Largest relative error allowed.")
+@click.option(
+    "--tol",
+    type=click.FloatRange(min=0),
+    default=1e-6,
+    show_default=True,
+    help="Largest relative error allowed.",
+)
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
 def verify_cmd(a: str, b: str, tol: float, fmt: str) -> None:
     """Compare ΔW = B·A of every module of adapters A and B (any forms); exit 1 above --tol."""
@@ -230,7 +255,9 @@ def verify_cmd(a: str, b: str, tol: float, fmt: str) -> None:
     type=click.Choice([StorageForm.TOPK.value, StorageForm.PACKED.value]),
     help="Convert first, in a temporary folder (PATH is only read)  [default: push as stored]",
 )
-@click.option("--private", is_flag=True, help="Create the repo private (an existing repo keeps its visibility).")
+@click.option(
+    "--private", is_flag=True, help="Create the repo private (an existing repo keeps its visibility)."
+)
 @click.option("--revision", help="Branch to push to; created from main if missing.")
 @click.option("--commit-message", help="Commit message  [default: one naming the storage forms]")
 @click.option("--create-pr", is_flag=True, help="Open a pull request instead of committing to the branch.")
@@ -250,7 +277,13 @@ def push_cmd(
     endpoint from HF_ENDPOINT; the token is never printed.
     """
     url = push(
-        path, repo_id, to=to, private=private, revision=revision, commit_message=commit_message, create_pr=create_pr
+        path,
+        repo_id,
+        to=to,
+        private=private,
+        revision=revision,
+        commit_message=commit_message,
+        create_pr=create_pr,
     )
     click.echo(url)
 
@@ -274,7 +307,9 @@ def export_lora_cmd(src: str, dst: str, force: bool) -> None:
 @click.argument("base_dir", type=click.Path(path_type=str))
 @click.argument("adapter", type=click.Path(path_type=str))
 @click.argument("out", type=click.Path(path_type=str))
-@_enum_option("--dtype", MergeDtype, MergeDtype.AUTO, "Dtype of the merged weights; auto keeps the base checkpoint's.")
+@_enum_option(
+    "--dtype", MergeDtype, MergeDtype.AUTO, "Dtype of the merged weights; auto keeps the base checkpoint's."
+)
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 def merge_cmd(base_dir: str, adapter: str, out: str, dtype: str, force: bool) -> None:
     """Merge the adapter in ADAPTER into the safetensors checkpoint BASE_DIR, writing the checkpoint OUT."""

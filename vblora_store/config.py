@@ -110,7 +110,9 @@ class VBLoRAConfig:
                 f"{source}: bias must be one of {', '.join(_BIAS_MODES)}, got {self.bias!r}."
             )
         if not (isinstance(self.vblora_dropout, (int, float)) and 0.0 <= self.vblora_dropout < 1.0):
-            raise InvalidConfigError(f"{source}: vblora_dropout must be in [0, 1), got {self.vblora_dropout!r}.")
+            raise InvalidConfigError(
+                f"{source}: vblora_dropout must be in [0, 1), got {self.vblora_dropout!r}."
+            )
         for name in ("init_vector_bank_bound", "init_logits_std"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -172,7 +174,9 @@ class VBLoRAConfig:
         try:
             data = json.loads(file.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-            raise InvalidConfigError(f"{file}: not valid JSON ({e}); restore the file from its source.") from e
+            raise InvalidConfigError(
+                f"{file}: not valid JSON ({e}); restore the file from its source."
+            ) from e
         return cls.from_dict(data, source=str(file))
 
     def to_json_string(self) -> str:

@@ -39,7 +39,12 @@ def describe(adapter: StoredAdapter) -> dict:
         "config": {key: getattr(adapter.config, key) for key in CONFIG_ESSENTIALS},
         "modules": [vars(m) for m in adapter.modules.values()],
         "tensors": [
-            {"key": key, "dtype": str(spec.dtype).removeprefix("torch."), "shape": list(spec.shape), "bytes": spec.nbytes}
+            {
+                "key": key,
+                "dtype": str(spec.dtype).removeprefix("torch."),
+                "shape": list(spec.shape),
+                "bytes": spec.nbytes,
+            }
             for key, spec in adapter.stored_specs.items()
         ],
         "packing": dict(adapter.packing),
@@ -62,10 +67,14 @@ def render_text(descriptions: list[dict]) -> str:
             f"  modules ({len(d['modules'])}):",
         ]
         width = max((len(m["name"]) for m in d["modules"]), default=0)
-        lines += [f"    {m['name']:<{width}}  in={m['in_features']:<6} out={m['out_features']}" for m in d["modules"]]
+        lines += [
+            f"    {m['name']:<{width}}  in={m['in_features']:<6} out={m['out_features']}"
+            for m in d["modules"]
+        ]
         lines.append(f"  tensors ({len(d['tensors'])}, {sum(t['bytes'] for t in d['tensors']):,} bytes):")
         width = max((len(t["key"]) for t in d["tensors"]), default=0)
         lines += [
-            f"    {t['key']:<{width}}  {t['dtype']:<8} {str(t['shape']):<16} {t['bytes']:>12,}" for t in d["tensors"]
+            f"    {t['key']:<{width}}  {t['dtype']:<8} {str(t['shape']):<16} {t['bytes']:>12,}"
+            for t in d["tensors"]
         ]
     return "\n".join(lines)

@@ -99,7 +99,9 @@ class Report:
 
     def render(self, fmt: ReportFormat) -> str:
         """The report as text, JSON or Markdown."""
-        return {ReportFormat.TEXT: _text, ReportFormat.JSON: _json, ReportFormat.MARKDOWN: _markdown}[fmt](self)
+        return {ReportFormat.TEXT: _text, ReportFormat.JSON: _json, ReportFormat.MARKDOWN: _markdown}[fmt](
+            self
+        )
 
 
 def build_report(
@@ -159,7 +161,9 @@ def _text(report: Report) -> str:
             f"{acc.compression_vs_lora:.1f}x vs LoRA",
         ]
         for t in acc.by_module_type:
-            lines.append(f"    {t.module_type:<20} {t.num_modules:>4} modules {t.lora_params:>13,} LoRA params")
+            lines.append(
+                f"    {t.module_type:<20} {t.num_modules:>4} modules {t.lora_params:>13,} LoRA params"
+            )
     lines += [_check_line(c) for c in report.checks]
     return "\n".join(lines)
 
@@ -193,7 +197,10 @@ def _markdown(report: Report) -> str:
             "| module type | modules | sub-vector slots | rank-r LoRA params |",
             "|---|--:|--:|--:|",
         ]
-        lines += [f"| `{t.module_type}` | {t.num_modules} | {t.slots:,} | {t.lora_params:,} |" for t in acc.by_module_type]
+        lines += [
+            f"| `{t.module_type}` | {t.num_modules} | {t.slots:,} | {t.lora_params:,} |"
+            for t in acc.by_module_type
+        ]
     if report.checks:
         lines += ["", "| check | adapter | value | limit | result |", "|---|---|--:|--:|---|"]
         lines += [

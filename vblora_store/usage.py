@@ -83,7 +83,9 @@ def plot_usage(usages: list[BankUsage], path: Union[str, Path]) -> None:
         ax.bar(range(len(counts)), counts, width=1.0, color="#3b6ea8")
         for index in usage.unused:
             ax.axvline(index, color="#d62728", linewidth=0.6, alpha=0.6)
-        ax.set_title(f"{usage.adapter}: {len(usage.unused)} of {len(counts)} vectors unused (red)", fontsize=9)
+        ax.set_title(
+            f"{usage.adapter}: {len(usage.unused)} of {len(counts)} vectors unused (red)", fontsize=9
+        )
         ax.set_xlabel("bank vector")
         ax.set_ylabel("times selected")
         ax.set_xlim(-0.5, len(counts) - 0.5)

@@ -73,7 +73,10 @@ def module_factors(
                 sides += mix_weights(adapter.checked_tensor(logits_key(module, side)).to(dtype), k)
             else:
                 indices = adapter.checked_tensor(indices_key(module, side))
-                sides += [indices, complete_weights(adapter.checked_tensor(weights_key(module, side)).to(dtype))]
+                sides += [
+                    indices,
+                    complete_weights(adapter.checked_tensor(weights_key(module, side)).to(dtype)),
+                ]
         yield (module, *lora_factors(*sides, bank))
 
 
@@ -139,7 +142,9 @@ def render(verifications: list[Verification], *, tol: float, as_json: bool) -> s
     for v in verifications:
         width = max((len(m.module) for m in v.modules), default=0)
         lines.append(f"[{v.adapter_name}] {len(v.modules)} modules")
-        lines += [f"  {m.module:<{width}}  max abs {m.max_abs_error:.3e}  rel {m.rel_error:.3e}" for m in v.modules]
+        lines += [
+            f"  {m.module:<{width}}  max abs {m.max_abs_error:.3e}  rel {m.rel_error:.3e}" for m in v.modules
+        ]
     verdict = "ok" if max_rel <= tol else "FAIL"
     lines.append(f"{verdict}: max abs error {max_abs:.3e}, max relative error {max_rel:.3e} (tol {tol:g})")
     return "\n".join(lines)

@@ -32,4 +32,6 @@ for form in ("full", "topk", "packed"):
     size = (out / form / "adapter_model.safetensors").stat().st_size
     print(f"{form:>6}: {size:>10,d} bytes, savable params {loaded.get_nb_savable_parameters()[0]:,d}")
     base = loaded.unload()
-print("same outputs:", all(torch.allclose(results["full"], results[f], atol=1e-5) for f in ("topk", "packed")))
+print(
+    "same outputs:", all(torch.allclose(results["full"], results[f], atol=1e-5) for f in ("topk", "packed"))
+)

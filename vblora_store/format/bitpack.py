@@ -104,7 +104,9 @@ def unpack(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
         raw = packed[first_bit // BYTE_BITS : packed_size(start + n, bits)]
         stream = ((raw.unsqueeze(1) >> byte_shifts) & 1).reshape(-1)  # (bytes,) -> (bytes, 8) -> (bytes·8,)
         offset = first_bit % BYTE_BITS
-        bit_rows = stream[offset : offset + last_bit - first_bit].reshape(n, bits).to(torch.int64)  # (n, bits)
+        bit_rows = (
+            stream[offset : offset + last_bit - first_bit].reshape(n, bits).to(torch.int64)
+        )  # (n, bits)
         out[start : start + n] = (bit_rows << shifts).sum(1)
     return out
 

@@ -84,7 +84,7 @@ def parse_key(key: str) -> Optional[KeyParts]:
     if match is None:
         return None
     prefix = match["prefix"]
-    module = prefix[len(MODEL_PREFIX):] if prefix.startswith(MODEL_PREFIX) else prefix
+    module = prefix[len(MODEL_PREFIX) :] if prefix.startswith(MODEL_PREFIX) else prefix
     return KeyParts(module, match["side"], _PART_OF_SUFFIX[match["suffix"]])
 
 

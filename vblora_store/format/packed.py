@@ -121,7 +121,9 @@ def pack_topk(
     bits = bits_for(num_vectors)
     sides = list(_sides(modules))
     all_indices = torch.cat([tensors[indices_key(m, s)].reshape(-1) for m, s in sides])  # (S·k,)
-    weights = [tensors[weights_key(m, s)].flatten(0, -2) for m, s in sides]  # (..., k-1) -> (slots, k-1); k=1 too
+    weights = [
+        tensors[weights_key(m, s)].flatten(0, -2) for m, s in sides
+    ]  # (..., k-1) -> (slots, k-1); k=1 too
     restore_weights = weights[0].dtype
     bank = tensors[BANK_KEY]
     out = {k: v for k, v in tensors.items() if k != BANK_KEY and parse_key(k) is None}
@@ -150,8 +152,14 @@ def pack_topk(
 
 
 def unpack_topk(
-    tensors: dict[str, torch.Tensor], metadata: dict[str, str], *, r: int, num_vectors: int, vector_length: int,
-    topk: int, source: str,
+    tensors: dict[str, torch.Tensor],
+    metadata: dict[str, str],
+    *,
+    r: int,
+    num_vectors: int,
+    vector_length: int,
+    topk: int,
+    source: str,
 ) -> tuple[list[tuple[str, int, int]], dict[str, torch.Tensor], dict[str, str]]:
     """Packed tensors -> PEFT's top-k tensors.
 
@@ -171,7 +179,9 @@ def unpack_topk(
     """
 
     def bad(message: str) -> InvalidAdapterError:
-        return InvalidAdapterError(f"{source}: packed form: {message}; the file is damaged or not ours, fetch it again.")
+        return InvalidAdapterError(
+            f"{source}: packed form: {message}; the file is damaged or not ours, fetch it again."
+        )
 
     try:
         description = json.loads(metadata[METADATA_KEY])
@@ -196,7 +206,9 @@ def unpack_topk(
     shapes = []
     for name, n_in, n_out in modules:
         if n_in <= 0 or n_out <= 0 or n_in % vector_length or n_out % vector_length:
-            raise bad(f"module {name!r} has features {n_in}x{n_out}, not positive multiples of {vector_length}")
+            raise bad(
+                f"module {name!r} has features {n_in}x{n_out}, not positive multiples of {vector_length}"
+            )
         shapes += [(name, "A", (r, n_in // vector_length)), (name, "B", (n_out // vector_length, r))]
     slots = sum(a * b for _, _, (a, b) in shapes)
     expected = {
@@ -225,8 +237,12 @@ def unpack_topk(
     slot = 0
     for name, side, (rows, cols) in shapes:
         n = rows * cols
-        out[indices_key(name, side)] = indices[slot * topk : (slot + n) * topk].reshape(rows, cols, topk)  # (n·k,) -> (rows, cols, k)
-        out[weights_key(name, side)] = weights[slot : slot + n].reshape(rows, cols, topk - 1)  # (n, k-1) -> (rows, cols, k-1)
+        out[indices_key(name, side)] = indices[slot * topk : (slot + n) * topk].reshape(
+            rows, cols, topk
+        )  # (n·k,) -> (rows, cols, k)
+        out[weights_key(name, side)] = weights[slot : slot + n].reshape(
+            rows, cols, topk - 1
+        )  # (n, k-1) -> (rows, cols, k-1)
         slot += n
     info = {"weights_dtype": weights_dtype.value, "bank_dtype": bank_dtype.value, "index_bits": str(bits)}
     return modules, out, info

@@ -38,7 +38,14 @@ from .keys import (
     weights_key,
 )
 
-__all__ = ["ModuleShape", "TensorSpec", "StoredAdapter", "read_adapter", "read_adapters", "find_adapter_folders"]
+__all__ = [
+    "ModuleShape",
+    "TensorSpec",
+    "StoredAdapter",
+    "read_adapter",
+    "read_adapters",
+    "find_adapter_folders",
+]
 
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -93,7 +100,9 @@ class StoredAdapter:
         specs: Dtype and shape of every stored tensor, by key.
     """
 
-    def __init__(self, folder: Path, name: str, config: VBLoRAConfig, weights_path: Path, specs, reader, packed=None):
+    def __init__(
+        self, folder: Path, name: str, config: VBLoRAConfig, weights_path: Path, specs, reader, packed=None
+    ):
         self.folder = folder
         self.name = name
         self.config = config
@@ -307,12 +316,19 @@ def _read_packed(folder, name, config, path, stored_specs, reader, metadata) -> 
     """Unpack a packed file (small by construction) into PEFT's top-k tensors in memory."""
     stored = {key: reader(key) for key in stored_specs}
     modules, tensors, info = unpack_topk(
-        stored, metadata, r=config.r, num_vectors=config.num_vectors, vector_length=config.vector_length,
-        topk=config.topk, source=str(path),
+        stored,
+        metadata,
+        r=config.r,
+        num_vectors=config.num_vectors,
+        vector_length=config.vector_length,
+        topk=config.topk,
+        source=str(path),
     )
     specs = {k: TensorSpec(v.dtype, tuple(v.shape)) for k, v in tensors.items()}
     order = [m[0] for m in modules]
-    return StoredAdapter(folder, name, config, path, specs, tensors.__getitem__, packed=(stored_specs, info, order))
+    return StoredAdapter(
+        folder, name, config, path, specs, tensors.__getitem__, packed=(stored_specs, info, order)
+    )
 
 
 def _open_bin(path: Path):
@@ -439,7 +455,9 @@ def _validate_layout(adapter: StoredAdapter) -> tuple[StorageForm, dict[str, Mod
         missing = [(side, part) for side in "AB" for part in wanted if (side, part) not in found]
         if missing or extra:
             side, part = (missing or sorted(extra))[0]
-            raise bad(f"module {module!r} has no consistent {part} tensor for side {side}; the file is incomplete.")
+            raise bad(
+                f"module {module!r} has no consistent {part} tensor for side {side}; the file is incomplete."
+            )
         for (side, part), spec in found.items():
             is_index = part == "indices"
             if len(spec.shape) != 3 or spec.shape[-1] != last[part] or 0 in spec.shape[:2]:
