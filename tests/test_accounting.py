@@ -71,6 +71,13 @@ def vblora(**kwargs):
     return VBLoRAConfig(**kwargs)
 
 
+def _gpt2_config(**overrides):
+    """A VB-LoRA config for the tiny GPT2 (Conv1D: fan_in_fan_out)."""
+    return vblora(
+        task_type="CAUSAL_LM", r=4, num_vectors=64, vector_length=16, topk=2, fan_in_fan_out=True, **overrides
+    )
+
+
 CASES = {
     # llama, uint8 indices (N < 2**8)
     "llama-N64-uint8": (tiny_llama, lambda: single_config()),
@@ -87,32 +94,8 @@ CASES = {
         lambda: single_config(task_type="SEQ_CLS", target_modules=["q_proj", "v_proj"]),
     ),
     # GPT2's Conv1D needs fan_in_fan_out; biases trained and saved
-    "gpt2-bias-all": (
-        tiny_gpt2,
-        lambda: vblora(
-            task_type="CAUSAL_LM",
-            r=4,
-            num_vectors=64,
-            vector_length=16,
-            topk=2,
-            target_modules=["c_attn", "c_proj"],
-            fan_in_fan_out=True,
-            bias="all",
-        ),
-    ),
-    "gpt2-bias-vblora_only": (
-        tiny_gpt2,
-        lambda: vblora(
-            task_type="CAUSAL_LM",
-            r=4,
-            num_vectors=64,
-            vector_length=16,
-            topk=2,
-            target_modules=["c_attn"],
-            fan_in_fan_out=True,
-            bias="vblora_only",
-        ),
-    ),
+    "gpt2-bias-all": (tiny_gpt2, lambda: _gpt2_config(target_modules=["c_attn", "c_proj"], bias="all")),
+    "gpt2-bias-vblora_only": (tiny_gpt2, lambda: _gpt2_config(target_modules=["c_attn"], bias="vblora_only")),
 }
 
 
