@@ -18,6 +18,7 @@ __all__ = [
     "DestinationExistsError",
     "TargetingError",
     "AdapterStateError",
+    "AdapterNamesError",
     "CheckpointNotFoundError",
     "InvalidCheckpointError",
     "UnsafePathError",
@@ -54,6 +55,10 @@ class TargetingError(VBLoRAStoreError, ValueError):
 
 class AdapterStateError(VBLoRAStoreError, RuntimeError):
     """An operation that the adapter's current state does not allow."""
+
+
+class AdapterNamesError(VBLoRAStoreError, ValueError):
+    """A mixed-adapter batch (``adapter_names=[...]``) that cannot be run as asked."""
 
 
 class CheckpointNotFoundError(VBLoRAStoreError, FileNotFoundError):

@@ -5,9 +5,10 @@ adapters (full or top-k form) and runs them as rank-r LoRA factors built once
 and cached.  See ``docs/engine.md``.
 """
 
-from .layer import TopKFactors, VBLoRALinear
+from .cache import FactorCache
+from .layer import TopKTensors, VBLoRALinear
 from .model import VBLoRAModel
 from .targeting import find_targets
 from .trainable import ModulesToSave
 
-__all__ = ["VBLoRAModel", "VBLoRALinear", "TopKFactors", "ModulesToSave", "find_targets"]
+__all__ = ["VBLoRAModel", "VBLoRALinear", "TopKTensors", "FactorCache", "ModulesToSave", "find_targets"]

@@ -4,19 +4,25 @@ Each adapter of a layer is held in one of two forms:
 
 * full: trainable logits ``vblora_logits_A[name]`` ``(r, in/L, N)`` and
   ``vblora_logits_B[name]`` ``(out/L, r, N)``, exactly PEFT's parameters;
-* top-k: buffers ``vblora_topk[name].indices_X`` ``(..., k)`` and
-  ``weights_X`` ``(..., k - 1)``, as stored by ``save_only_topk_weights``.
+* top-k: a :class:`TopKSlice` into the adapter's :class:`TopKTensors`, which
+  hold the top-k indices and weights of every module of the adapter in two
+  flat tensors on the model (so a thousand resident adapters are a few
+  thousand tensors, not millions).
 
-Either way the dense factors A ``(r, in)`` and B ``(out, r)`` are built by
+Either way the dense factors A ``(r, in)`` and B ``(out, r)`` come from
 :func:`vblora_store.topk.lora_factors`.  Outside training they are built once
-and cached per adapter for the device and dtype of the input; the cache key
-holds the version counters of every source tensor, so an optimizer step, a
-``load_state_dict`` or any in-place edit rebuilds them on the next call.  An
-unmerged forward then costs a rank-r LoRA: ``x @ A.T @ B.T``.
+into the adapter's slot of this layer's factor stacks (``factor_a`` ``(slots,
+R, in)``, ``factor_bt`` ``(slots, R, out)``; :mod:`.cache` says which adapter
+has which slot) and reused; the slot remembers the version counters of every
+source tensor, so an optimizer step, a ``load_state_dict`` or any in-place edit
+rebuilds it on the next call, as does moving or casting the model.  An
+unmerged forward then costs a rank-r LoRA: ``x @ A.T @ B.T``; a mixed-adapter
+batch costs one :func:`~vblora_store.engine.batched.add_lora`.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -25,9 +31,12 @@ from torch import nn
 
 from ..config import VBLoRAConfig
 from ..errors import AdapterStateError, TargetingError
-from ..topk import complete_weights, delta_weight, lora_factors, mix_weights
+from ..topk import complete_weights, compose, delta_weight, lora_factors, mix_weights
+from .batched import add_lora
+from .cache import FactorCache
+from .routing import BatchRoute
 
-__all__ = ["VBLoRALinear", "TopKFactors", "layer_features", "check_fits"]
+__all__ = ["VBLoRALinear", "TopKTensors", "TopKSlice", "layer_features", "check_fits"]
 
 
 def layer_features(base_layer: nn.Module, fan_in_fan_out: bool) -> tuple[int, int]:
@@ -50,42 +59,64 @@ def check_fits(module: str, in_features: int, out_features: int, vector_length: 
             )
 
 
-class TopKFactors(nn.Module):
-    """One adapter's stored top-k form, as buffers (no N-wide logits).
+class TopKTensors(nn.Module):
+    """One adapter's top-k form for all its modules, as two flat buffers.
+
+    Sub-vector slots are laid out module by module, side A ``(r, in/L)`` then
+    side B ``(out/L, r)``, each row-major: the packed form's order.
 
     Args:
-        indices_A: ``(r, in/L, k)`` bank rows of A's sub-vectors.
-        weights_A: ``(r, in/L, k - 1)`` their first k-1 softmax weights.
-        indices_B: ``(out/L, r, k)`` bank rows of B's sub-vectors.
-        weights_B: ``(out/L, r, k - 1)``.
+        indices: ``(S, k)`` bank rows of every slot, in PEFT's index dtype.
+        weights: ``(S, k - 1)`` their first k-1 softmax weights.
     """
 
-    def __init__(self, indices_A, weights_A, indices_B, weights_B):
+    def __init__(self, indices: torch.Tensor, weights: torch.Tensor):
         super().__init__()
-        self.register_buffer("indices_A", indices_A)
-        self.register_buffer("weights_A", weights_A)
-        self.register_buffer("indices_B", indices_B)
-        self.register_buffer("weights_B", weights_B)
+        self.register_buffer("indices", indices)
+        self.register_buffer("weights", weights)
 
-    def tensors(self) -> tuple[torch.Tensor, ...]:
-        """``(indices_A, weights_A, indices_B, weights_B)``, in one cheap lookup (the forward's hot path)."""
-        return tuple(self._buffers.values())
+    def subvectors(self, bank: torch.Tensor, start: int = 0, stop: Optional[int] = None) -> torch.Tensor:
+        """``(stop - start, L)`` sub-vectors of slots ``start:stop``, composed in at least float32."""
+        compute = torch.promote_types(bank.dtype, torch.float32)
+        indices = self.indices[start:stop]  # (n, k)
+        weights = complete_weights(self.weights[start:stop].to(compute))  # (n, k-1) -> (n, k)
+        return compose(indices, weights, bank.to(device=indices.device, dtype=compute))
 
 
-def _cache_key(tensors: tuple[torch.Tensor, ...], device: torch.device, dtype: torch.dtype) -> tuple:
-    """Identifies the factors built from ``tensors``: changes on any in-place edit, move or cast.
+@dataclass(frozen=True)
+class TopKSlice:
+    """Where one module's slots lie in its adapter's :class:`TopKTensors`."""
+
+    start: int  # first slot of side A; side B follows it
+    a_shape: tuple[int, int]  # (r, in/L)
+    b_shape: tuple[int, int]  # (out/L, r)
+
+    @property
+    def a_slots(self) -> slice:
+        return slice(self.start, self.start + self.a_shape[0] * self.a_shape[1])
+
+    @property
+    def b_slots(self) -> slice:
+        stop_a = self.a_slots.stop
+        return slice(stop_a, stop_a + self.b_shape[0] * self.b_shape[1])
+
+
+def _cache_key(tensors: tuple[torch.Tensor, ...]) -> tuple:
+    """Identifies the values of ``tensors``: changes on any in-place edit, move or cast.
 
     Tensors created under ``torch.inference_mode()`` have no version counter;
     for them only a move or cast is seen (call ``clear_cache()`` after editing one).
     """
-    return (device, dtype) + tuple((t.data_ptr(), -1 if t.is_inference() else t._version) for t in tensors)
+    return tuple((t.data_ptr(), t.dtype, -1 if t.is_inference() else t._version) for t in tensors)
 
 
 class VBLoRALinear(nn.Module):
     """A ``nn.Linear`` or transformers ``Conv1D`` plus VB-LoRA adapters.
 
     The wrapped layer stays as ``base_layer`` (so state-dict keys are PEFT's,
-    e.g. ``q_proj.base_layer.bias``).  One adapter is active at a time.
+    e.g. ``q_proj.base_layer.bias``).  One adapter is active at a time; a call
+    routed by :class:`~vblora_store.engine.routing.BatchRoute` runs each row
+    through its own adapter.
 
     Args:
         base_layer: The layer to wrap.
@@ -93,6 +124,9 @@ class VBLoRALinear(nn.Module):
             they are registered once, on the model).
         name: The module's name in the model, used in error messages.
         fan_in_fan_out: The base weight is stored ``(in, out)`` (``Conv1D``).
+        topk_store: The model's :class:`TopKTensors`, by adapter name (shared).
+        cache: The model's :class:`~vblora_store.engine.cache.FactorCache` (shared).
+        route: The model's :class:`~vblora_store.engine.routing.BatchRoute` (shared).
 
     Example:
         >>> banks = nn.ParameterDict({"default": nn.Parameter(torch.randn(8, 4))})
@@ -102,23 +136,46 @@ class VBLoRALinear(nn.Module):
         torch.Size([3, 4])
     """
 
-    def __init__(self, base_layer: nn.Module, banks: nn.ParameterDict, *, name: str, fan_in_fan_out: bool):
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        banks: nn.ParameterDict,
+        *,
+        name: str,
+        fan_in_fan_out: bool,
+        topk_store: Optional[nn.ModuleDict] = None,
+        cache: Optional[FactorCache] = None,
+        route: Optional[BatchRoute] = None,
+    ):
         super().__init__()
         self.base_layer = base_layer
-        object.__setattr__(self, "_banks", banks)  # a reference: not a sub-module, not in this state dict
+        # References, not sub-modules: registered once, on the model, and absent from this state dict.
+        object.__setattr__(self, "_banks", banks)
+        object.__setattr__(self, "_topk_store", nn.ModuleDict() if topk_store is None else topk_store)
+        object.__setattr__(self, "_cache", FactorCache() if cache is None else cache)
+        object.__setattr__(self, "_route", BatchRoute() if route is None else route)
         self.module_name = name
         self.fan_in_fan_out = fan_in_fan_out
         self.in_features, self.out_features = layer_features(base_layer, fan_in_fan_out)
         self.vblora_logits_A = nn.ParameterDict()
         self.vblora_logits_B = nn.ParameterDict()
-        self.vblora_topk = nn.ModuleDict()
+        self.topk_slices: dict[str, TopKSlice] = {}
         self.vblora_dropout = nn.ModuleDict()
         self.r: dict[str, int] = {}
         self.topk: dict[str, int] = {}
         self.active_adapter: Optional[str] = None
         self.merged_adapters: list[str] = []
         self.disable_adapters = False
-        self._cache: dict[str, tuple[tuple, torch.Tensor, torch.Tensor]] = {}
+        self._slot_keys: list[Optional[tuple]] = []
+        self._slot_ranks: list[int] = []
+        self._stack_ptr = -1
+        weight = base_layer.weight
+        dtype = weight.dtype if weight.dtype.is_floating_point else torch.get_default_dtype()
+        with torch.inference_mode(False):
+            self.register_buffer("factor_a", weight.new_zeros((0, 1, self.in_features), dtype=dtype), False)
+            self.register_buffer("factor_bt", weight.new_zeros((0, 1, self.out_features), dtype=dtype), False)
+            self.register_buffer("factor_ranks", weight.new_zeros((0,), dtype=torch.int32), False)
+        self._cache.register(self)
 
     # -- what PEFT's tuner layers expose ---------------------------------------------
 
@@ -144,7 +201,7 @@ class VBLoRALinear(nn.Module):
 
     def is_topk(self, adapter: str) -> bool:
         """Whether ``adapter`` is held in top-k form (inference only)."""
-        return adapter in self.vblora_topk
+        return adapter in self.topk_slices
 
     # -- adding and removing adapters ---------------------------------------------------
 
@@ -191,10 +248,10 @@ class VBLoRALinear(nn.Module):
         self.vblora_logits_A[adapter] = nn.Parameter(logits_A)
         self.vblora_logits_B[adapter] = nn.Parameter(logits_B)
 
-    def add_topk(self, adapter: str, config: VBLoRAConfig, factors: TopKFactors) -> None:
-        """Add an adapter in top-k form (inference and merging only)."""
+    def add_topk(self, adapter: str, config: VBLoRAConfig, where: TopKSlice) -> None:
+        """Add an adapter in top-k form (inference and merging only): its slots in ``topk_store[adapter]``."""
         self._add_common(adapter, config)
-        self.vblora_topk[adapter] = factors
+        self.topk_slices[adapter] = where
 
     def delete_adapter(self, adapter: str) -> None:
         """Remove ``adapter``; refused while it is merged."""
@@ -202,12 +259,15 @@ class VBLoRALinear(nn.Module):
             raise AdapterStateError(
                 f"module {self.module_name!r}: adapter {adapter!r} is merged; call unmerge_adapter() first."
             )
-        for holder in (self.vblora_logits_A, self.vblora_logits_B, self.vblora_topk, self.vblora_dropout):
+        for holder in (self.vblora_logits_A, self.vblora_logits_B, self.vblora_dropout):
             if adapter in holder:
                 del holder[adapter]
+        self.topk_slices.pop(adapter, None)
         self.r.pop(adapter, None)
         self.topk.pop(adapter, None)
-        self._cache.pop(adapter, None)
+        slot = self._cache.slot_of(adapter)
+        if slot is not None:
+            self.clear_slot(slot)
         if self.active_adapter == adapter:
             self.active_adapter = next(iter(self.r), None)
 
@@ -216,25 +276,48 @@ class VBLoRALinear(nn.Module):
     def _sources(self, adapter: str) -> tuple[torch.Tensor, ...]:
         bank = self._banks[adapter]
         if self.is_topk(adapter):
-            return (bank, *self.vblora_topk[adapter].tensors())
+            held = self._topk_store[adapter]
+            return (bank, held.indices, held.weights)
         return (bank, self.vblora_logits_A[adapter], self.vblora_logits_B[adapter])
+
+    def source_key(self, adapter: str) -> tuple:
+        """Changes whenever a tensor ``adapter``'s factors in this layer are built from changes."""
+        return _cache_key(self._sources(adapter))
 
     def _build_factors(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
         """A ``(r, in)`` and B ``(out, r)``, composed in at least float32 on the adapter's device."""
         sources = self._sources(adapter)
+        if self.is_topk(adapter):
+            where, held = self.topk_slices[adapter], self._topk_store[adapter]
+            sub_a = held.subvectors(sources[0], where.a_slots.start, where.a_slots.stop)
+            sub_b = held.subvectors(sources[0], where.b_slots.start, where.b_slots.stop)
+            return self.factors_from_subvectors(adapter, sub_a, sub_b)
         device = sources[1].device
         compute = torch.promote_types(sources[0].dtype, torch.float32)
         bank = sources[0].to(device=device, dtype=compute)  # (N, L)
-        if self.is_topk(adapter):
-            _, a_idx, a_w, b_idx, b_w = sources
-            a_w, b_w = complete_weights(a_w.to(compute)), complete_weights(
-                b_w.to(compute)
-            )  # (..., k-1) -> (..., k)
-        else:
-            k = self.topk[adapter]
-            a_idx, a_w = mix_weights(sources[1].to(compute), k)  # (r, in/L, N) -> (r, in/L, k)
-            b_idx, b_w = mix_weights(sources[2].to(compute), k)  # (out/L, r, N) -> (out/L, r, k)
+        k = self.topk[adapter]
+        a_idx, a_w = mix_weights(sources[1].to(compute), k)  # (r, in/L, N) -> (r, in/L, k)
+        b_idx, b_w = mix_weights(sources[2].to(compute), k)  # (out/L, r, N) -> (out/L, r, k)
         return lora_factors(a_idx, a_w, b_idx, b_w, bank)
+
+    def factors_from_subvectors(
+        self, adapter: str, sub_a: torch.Tensor, sub_b: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A ``(r, in)`` and B ``(out, r)`` from this module's composed sub-vectors of a top-k adapter.
+
+        Args:
+            adapter: A top-k adapter of this layer.
+            sub_a: ``(r·in/L, L)`` side A's sub-vectors, row-major over ``(r, in/L)``.
+            sub_b: ``(out/L·r, L)`` side B's, row-major over ``(out/L, r)``.
+        """
+        r = self.r[adapter]
+        a = sub_a.reshape(r, self.in_features)  # (r·in/L, L) -> (r, in/L·L) = (r, in)
+        b_sub = sub_b.reshape(-1, r, sub_b.shape[-1])  # (out/L·r, L) -> (out/L, r, L)
+        b = b_sub.transpose(1, 2).reshape(self.out_features, r)  # -> (out/L, L, r) -> (out, r)
+        return a, b
+
+    def _training_factors(self, adapter: str) -> bool:
+        return torch.is_grad_enabled() and any(t.requires_grad for t in self._sources(adapter))
 
     def factors(
         self, adapter: str, device: torch.device, dtype: torch.dtype
@@ -242,28 +325,95 @@ class VBLoRALinear(nn.Module):
         """A ``(r, in)`` and B ``(out, r)`` of ``adapter`` on ``device`` in ``dtype``.
 
         Built fresh (with gradients) when autograd is on and the adapter has
-        trainable tensors; otherwise built once and served from the cache
-        until a source tensor changes or another device or dtype is asked for.
+        trainable tensors; otherwise served from the adapter's slot of the
+        factor stacks, built there first if it is missing or stale.
         """
-        sources = self._sources(adapter)
-        if torch.is_grad_enabled() and any(t.requires_grad for t in sources):
+        if self._training_factors(adapter):
             a, b = self._build_factors(adapter)
             return a.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype)
-        key = _cache_key(sources, device, dtype)
-        cached = self._cache.get(adapter)
-        if cached is not None and cached[0] == key:
-            return cached[1], cached[2]
-        self._cache.pop(adapter, None)  # free the stale pair before building the new one
-        # Normal tensors even under torch.inference_mode(), so later autograd use stays legal.
+        a, bt = self.slot_factors(adapter)
+        return a.to(device=device, dtype=dtype), bt.T.to(device=device, dtype=dtype)
+
+    def slot_factors(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views of A ``(r, in)`` and B transposed ``(r, out)`` in ``adapter``'s slot, built if stale."""
+        slot = self._cache.assign(adapter, keep=(adapter,))
+        self.refresh_slot(adapter, slot)
+        r = self.r[adapter]
+        return self.factor_a[slot, :r], self.factor_bt[slot, :r]
+
+    def refresh_slot(self, adapter: str, slot: int) -> None:
+        """Build ``adapter``'s factors into ``slot`` unless the slot already holds them, current."""
+        self._check_stacks()
+        key = (adapter, self.source_key(adapter))
+        if self._slot_keys[slot] == key:
+            return
         with torch.inference_mode(False), torch.no_grad():
             a, b = self._build_factors(adapter)
-            a, b = a.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype)
-        self._cache[adapter] = (key, a, b)
-        return a, b
+            self.store_slot(slot, adapter, a, b.T, key)
+
+    def store_slot(self, slot: int, adapter: str, a: torch.Tensor, bt: torch.Tensor, key: tuple) -> None:
+        """Write A ``(r, in)`` and B transposed ``(r, out)`` into ``slot``, zero-padding the rank."""
+        self._check_stacks()
+        r = a.shape[0]
+        with torch.inference_mode(False), torch.no_grad():
+            if r > self.factor_a.shape[1]:
+                self._resize(self.factor_a.shape[0], r)
+            self.factor_a[slot].zero_()
+            self.factor_bt[slot].zero_()
+            self.factor_a[slot, :r] = a  # cast to the stack's dtype and device
+            self.factor_bt[slot, :r] = bt
+            self.factor_ranks[slot] = r
+        self._slot_ranks[slot] = r
+        self._slot_keys[slot] = key
+
+    def clear_slot(self, slot: int) -> None:
+        """Zero ``slot`` (its adapter was evicted or deleted, or it is given to another)."""
+        self._check_stacks()
+        if slot < len(self._slot_keys) and (self._slot_ranks[slot] or self._slot_keys[slot] is not None):
+            with torch.inference_mode(False), torch.no_grad():
+                self.factor_a[slot].zero_()
+                self.factor_bt[slot].zero_()
+                self.factor_ranks[slot] = 0
+            self._slot_ranks[slot] = 0
+            self._slot_keys[slot] = None
+
+    def ensure_slots(self, count: int) -> None:
+        """Make the stacks hold at least ``count`` slots (doubling, so growth is amortised)."""
+        self._check_stacks()
+        if count > self.factor_a.shape[0]:
+            self._resize(max(count, 2 * self.factor_a.shape[0]), self.factor_a.shape[1])
+
+    def _resize(self, slots: int, rank: int) -> None:
+        """Reallocate the stacks to ``(slots, rank, ...)``, keeping what they hold."""
+        old_a, old_bt, old_ranks = self.factor_a, self.factor_bt, self.factor_ranks
+        with torch.inference_mode(False), torch.no_grad():
+            new_a = old_a.new_zeros((slots, rank, self.in_features))
+            new_bt = old_bt.new_zeros((slots, rank, self.out_features))
+            new_ranks = old_ranks.new_zeros((slots,))
+            n, r = old_a.shape[0], min(rank, old_a.shape[1])
+            new_a[:n, :r], new_bt[:n, :r], new_ranks[:n] = old_a[:, :r], old_bt[:, :r], old_ranks
+        self.factor_a, self.factor_bt, self.factor_ranks = new_a, new_bt, new_ranks
+        self._slot_keys += [None] * (slots - len(self._slot_keys))
+        self._slot_ranks += [0] * (slots - len(self._slot_ranks))
+        self._stack_ptr = new_a.data_ptr()
+
+    def _check_stacks(self) -> None:
+        """Forget every slot if the stacks were moved or cast from outside (``model.to(...)``)."""
+        if self.factor_a.data_ptr() != self._stack_ptr:
+            self._stack_ptr = self.factor_a.data_ptr()
+            self._slot_keys = [None] * self.factor_a.shape[0]
+            self._slot_ranks = [int(r) for r in self.factor_ranks.tolist()]
+            self._cache.forget_built()
 
     def clear_cache(self) -> None:
-        """Drop the cached factors of every adapter (they rebuild on the next forward)."""
-        self._cache.clear()
+        """Forget this layer's built factors (they rebuild on the next forward)."""
+        self._slot_keys = [None] * len(self._slot_keys)
+        self._cache.forget_built()
+
+    @property
+    def factor_bytes(self) -> int:
+        """Bytes the factor stacks take."""
+        return sum(t.numel() * t.element_size() for t in (self.factor_a, self.factor_bt, self.factor_ranks))
 
     def delta_weight(self, adapter: str) -> torch.Tensor:
         """``ΔW = B @ A`` in the base weight's layout, composed in float32 (or wider).
@@ -313,12 +463,14 @@ class VBLoRALinear(nn.Module):
     # -- forward --------------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        """``base_layer(x) + dropout(x) @ A.T @ B.T`` for the active adapter."""
+        """``base_layer(x)`` plus the active adapter's ``dropout(x) @ A.T @ B.T``, or each row's own."""
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
+        if self._route.rows is not None:
+            return self._routed(x, result)
         adapter = self.active_adapter
         if self.merged or adapter is None or adapter not in self.r:
             return result
@@ -328,11 +480,28 @@ class VBLoRALinear(nn.Module):
                 "(save_only_topk_weights=True), which keeps only the top-k weights and discards the logits, "
                 "so it cannot be trained. Call model.eval() for inference, or load the full-form adapter."
             )
-        a, b = self.factors(adapter, x.device, x.dtype)
-        lora = F.linear(
-            F.linear(self.vblora_dropout[adapter](x), a), b
-        )  # (..., in) -> (..., r) -> (..., out)
-        return result + lora
+        x = self.vblora_dropout[adapter](x)
+        if self._training_factors(adapter):
+            a, b = self._build_factors(adapter)
+            return result + F.linear(
+                F.linear(x, a.to(x.dtype)), b.to(x.dtype)
+            )  # (.., in) -> (.., r) -> (.., out)
+        a, bt = self.slot_factors(adapter)
+        if a.dtype != x.dtype:
+            a, bt = a.to(x.dtype), bt.to(x.dtype)
+        return result + F.linear(x, a) @ bt  # (..., in) -> (..., r) -> (..., out)
+
+    def _routed(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """Each row through the adapter the route gives it (its slot; slot 0 adds nothing)."""
+        route = self._route
+        slots = route.slots_for(x.shape[0], self.factor_a.device, self.module_name)
+        keep = route.keep_for(x.shape[0], self.module_name) if self.training else None
+        if keep is not None:  # each row's own adapter's dropout
+            keep = keep.to(x.device, x.dtype).reshape(
+                (-1,) + (1,) * (x.dim() - 1)
+            )  # (rows,) -> (rows, 1, ...)
+            x = x * torch.bernoulli(keep.expand_as(x)) / keep
+        return add_lora(x, result, self.factor_a, self.factor_bt, self.factor_ranks, slots)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, adapters={self.adapters}"

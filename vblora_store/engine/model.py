@@ -25,7 +25,10 @@ from ..format.conversion import write_adapter
 from ..format.keys import BANK_KEY, StorageForm, indices_key, logits_key, weights_key
 from ..format.peft import StoredAdapter, read_adapter
 from ..hub import resolve_source
-from .layer import TopKFactors, VBLoRALinear, check_fits, layer_features
+from .cache import FactorCache
+from .layer import TopKSlice, TopKTensors, VBLoRALinear, check_fits, layer_features
+from .routing import BatchRoute
+from .serving import close_route, generate_multiples, open_route, routing
 from .state import (
     adapter_layers,
     adapter_state_dict,
@@ -43,7 +46,7 @@ _WRAPPERS = (VBLoRALinear,)
 
 def _call_wrapped(self: "VBLoRAModel", *args: Any, **kwargs: Any) -> Any:
     """Call the wrapped model."""
-    return self.model(*args, **kwargs)
+    return self._forward(*args, **kwargs)
 
 
 class _WrappedForward:
@@ -57,11 +60,10 @@ class _WrappedForward:
     def __get__(self, obj: Optional["VBLoRAModel"], owner: type) -> Callable[..., Any]:
         if obj is None:
             return _call_wrapped
-        inner = obj.model
 
-        @functools.wraps(inner.forward)
+        @functools.wraps(obj.model.forward)
         def call(*args: Any, **kwargs: Any) -> Any:
-            return inner(*args, **kwargs)
+            return obj._forward(*args, **kwargs)
 
         return call
 
@@ -75,6 +77,8 @@ class VBLoRAModel(nn.Module):
         adapter_name: Its name.
         low_cpu_mem_usage: Allocate the new adapter on the ``meta`` device (fill
             it later with :meth:`load_adapter` under the same name).
+        max_cached_factors: Most adapters whose dense factors are kept built at
+            once (least recently used out first); ``None`` keeps every one run.
 
     Example:
         >>> model = VBLoRAModel(base, VBLoRAConfig(r=4, num_vectors=256, vector_length=64,
@@ -89,14 +93,19 @@ class VBLoRAModel(nn.Module):
         config: VBLoRAConfig,
         adapter_name: str = "default",
         low_cpu_mem_usage: bool = False,
+        *,
+        max_cached_factors: Optional[int] = None,
     ):
-        self._setup(model)
+        self._setup(model, max_cached_factors)
         self.add_adapter(adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage)
 
-    def _setup(self, model: nn.Module) -> None:
+    def _setup(self, model: nn.Module, max_cached_factors: Optional[int]) -> None:
         nn.Module.__init__(self)
         self.model = model
         self.vblora_vector_bank = nn.ParameterDict()
+        self.vblora_topk = nn.ModuleDict()  # TopKTensors of each adapter held in top-k form
+        self.factor_cache = FactorCache(max_cached_factors)
+        self._route = BatchRoute()
         self.peft_config: dict[str, VBLoRAConfig] = {}
         self.storage_form: dict[str, StorageForm] = {}
         self.targeted_module_names: list[str] = []
@@ -114,6 +123,7 @@ class VBLoRAModel(nn.Module):
         *,
         revision: Optional[str] = None,
         subfolder: Optional[str] = None,
+        max_cached_factors: Optional[int] = None,
     ) -> "VBLoRAModel":
         """Wrap ``model`` with the adapter saved at ``path`` (full, top-k or packed form).
 
@@ -128,6 +138,8 @@ class VBLoRAModel(nn.Module):
                 allocates a random adapter first, so memory is always low.
             revision: Branch, tag or commit of a Hub repo.
             subfolder: The adapter's folder inside the repo or the local folder.
+            max_cached_factors: Most adapters whose dense factors are kept
+                built at once (see :class:`VBLoRAModel`).
 
         Returns:
             The wrapped model.
@@ -140,7 +152,7 @@ class VBLoRAModel(nn.Module):
             >>> model = VBLoRAModel.from_pretrained(base, "adapters/topk")  # doctest: +SKIP
         """
         self = cls.__new__(cls)
-        self._setup(model)
+        self._setup(model, max_cached_factors)
         self.load_adapter(
             path,
             adapter_name,
@@ -294,10 +306,19 @@ class VBLoRAModel(nn.Module):
         self.storage_form[adapter] = StorageForm.FULL if stored is None else stored.form
         n, length, bound = config.num_vectors, config.vector_length, config.init_vector_bank_bound
         bank = torch.zeros(n, length, device="meta" if meta else "cpu")
+        topk_indices, topk_weights, start = [], [], 0
         for name, base, fan in plan:
             module = self.model.get_submodule(name)
             if not isinstance(module, VBLoRALinear):
-                module = VBLoRALinear(base, self.vblora_vector_bank, name=name, fan_in_fan_out=fan)
+                module = VBLoRALinear(
+                    base,
+                    self.vblora_vector_bank,
+                    name=name,
+                    fan_in_fan_out=fan,
+                    topk_store=self.vblora_topk,
+                    cache=self.factor_cache,
+                    route=self._route,
+                )
                 self._set_child(name, module)
             device = base.weight.device
             if stored is None:
@@ -305,18 +326,29 @@ class VBLoRAModel(nn.Module):
                     bank.uniform_(-bound, bound)  # PEFT redraws the bank per module; the last draw is kept
                 module.add_full(adapter, config, device="meta" if meta else device)
             elif stored.form.has_logits:
-                logits = [stored.tensor(logits_key(name, side)).to(device) for side in "AB"]
+                logits = [stored.checked_tensor(logits_key(name, side)).to(device) for side in "AB"]
                 module.add_full(adapter, config, *logits)
             else:
-                parts = [
-                    stored.tensor(key(name, s)).to(device) for s in "AB" for key in (indices_key, weights_key)
+                a_idx, a_w, b_idx, b_w = [
+                    stored.checked_tensor(key(name, s)) for s in "AB" for key in (indices_key, weights_key)
                 ]
-                module.add_topk(adapter, config, TopKFactors(*parts))
+                where = TopKSlice(start, tuple(a_idx.shape[:2]), tuple(b_idx.shape[:2]))
+                for part in (a_idx, b_idx):
+                    topk_indices.append(part.reshape(-1, part.shape[-1]))  # (rows, cols, k) -> (slots, k)
+                for part in (a_w, b_w):
+                    topk_weights.append(part.reshape(-1, part.shape[-1]))  # (rows, cols, k-1) -> (slots, k-1)
+                start = where.b_slots.stop
+                module.add_topk(adapter, config, where)
             if name not in self.targeted_module_names:
                 self.targeted_module_names.append(name)
+        device = plan[0][1].weight.device
         if stored is not None:
-            bank = stored.tensor(BANK_KEY)
-        self.vblora_vector_bank[adapter] = nn.Parameter(bank if meta else bank.to(plan[0][1].weight.device))
+            bank = stored.checked_tensor(BANK_KEY)
+        if topk_indices:
+            self.vblora_topk[adapter] = TopKTensors(
+                torch.cat(topk_indices).to(device), torch.cat(topk_weights).to(device)
+            )
+        self.vblora_vector_bank[adapter] = nn.Parameter(bank if meta else bank.to(device))
         self._add_modules_to_save(adapter, list(config.modules_to_save or []))
         if stored is not None:
             load_other_tensors(self.model, stored, adapter)
@@ -328,7 +360,7 @@ class VBLoRAModel(nn.Module):
             if not key or not any(key.endswith(n) for n in names):
                 continue
             if not isinstance(module, ModulesToSave):
-                module = ModulesToSave(module, name=key)
+                module = ModulesToSave(module, name=key, route=self._route)
                 self._set_child(key, module)
             module.add_adapter(adapter)
 
@@ -399,10 +431,14 @@ class VBLoRAModel(nn.Module):
             module.delete_adapter(adapter)
             if isinstance(module, VBLoRALinear) and not module.adapters:
                 self._replace(module, module.base_layer)
+                self.factor_cache.unregister(module)
             elif isinstance(module, ModulesToSave) and not len(module.modules_to_save):
                 self._replace(module, module.original_module)
         if adapter in self.vblora_vector_bank:
             del self.vblora_vector_bank[adapter]
+        if adapter in self.vblora_topk:
+            del self.vblora_topk[adapter]
+        self.factor_cache.release(adapter)
         self.peft_config.pop(adapter, None)
         self.storage_form.pop(adapter, None)
         self._placeholders.discard(adapter)
@@ -459,6 +495,7 @@ class VBLoRAModel(nn.Module):
         for module in list(self._wrappers()):
             if isinstance(module, VBLoRALinear):
                 self._replace(module, module.base_layer)
+                self.factor_cache.unregister(module)
             elif isinstance(module, ModulesToSave):
                 self._replace(module, module.active_module)
         return self.model
@@ -560,9 +597,52 @@ class VBLoRAModel(nn.Module):
 
     forward = _WrappedForward()
 
-    def generate(self, *args: Any, **kwargs: Any) -> Any:
-        """The wrapped model's ``generate`` (transformers models)."""
-        return self.model.generate(*args, **kwargs)
+    def _forward(self, *args: Any, adapter_names: Optional[list[str]] = None, **kwargs: Any) -> Any:
+        """The wrapped model's forward; with ``adapter_names``, each row through its own adapter.
+
+        Args:
+            adapter_names: One adapter name per row of the batch (``"__base__"``:
+                no adapter), as PEFT LoRA's mixed-adapter batches; every other
+                argument goes to the wrapped model untouched.
+
+        Raises:
+            AdapterNamesError: an unknown name, a list whose length is not the
+                batch size, merged adapters, or training mode with gradients on.
+        """
+        if torch.compiler.is_compiling():  # route every compiled call: no cache logic in the graph
+            open_route(self, adapter_names, args, kwargs)
+            out = self.model(*args, **kwargs)
+            close_route(self)
+            return out
+        if adapter_names is None:
+            return self.model(*args, **kwargs)
+        with routing(self, adapter_names, args, kwargs):
+            return self.model(*args, **kwargs)
+
+    def generate(self, *args: Any, adapter_names: Optional[list[str]] = None, **kwargs: Any) -> Any:
+        """The wrapped model's ``generate``; ``adapter_names`` gives each row of the batch its own adapter.
+
+        Each prompt keeps its adapter across beams and returned sequences.
+
+        Example:
+            >>> model.generate(input_ids, adapter_names=["a", "b", "__base__"])  # doctest: +SKIP
+        """
+        if adapter_names is None:
+            return self.model.generate(*args, **kwargs)
+        with routing(self, adapter_names, args, kwargs, multiples=generate_multiples(self.model, kwargs)):
+            return self.model.generate(*args, **kwargs)
+
+    @property
+    def max_cached_factors(self) -> Optional[int]:
+        """Most adapters whose dense factors are kept built at once (``None``: no bound).
+
+        Setting it lower evicts the least recently used ones now.
+        """
+        return self.factor_cache.capacity
+
+    @max_cached_factors.setter
+    def max_cached_factors(self, value: Optional[int]) -> None:
+        self.factor_cache.capacity = value
 
     def gradient_checkpointing_enable(self, **kwargs: Any) -> None:
         """Enable the wrapped model's gradient checkpointing, keeping inputs differentiable.

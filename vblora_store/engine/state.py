@@ -18,7 +18,7 @@ from ..errors import InvalidAdapterError, UnsupportedConversionError
 from ..format.keys import BANK_KEY, MODEL_PREFIX, index_dtype, indices_key, logits_key, weights_key
 from ..format.peft import StoredAdapter
 from ..topk import select_topk
-from .layer import TopKFactors, VBLoRALinear
+from .layer import VBLoRALinear
 from .trainable import ModulesToSave
 
 __all__ = [
@@ -87,10 +87,17 @@ def adapter_state_dict(
                     f"adapter {adapter!r} was loaded in top-k form; its full logits are gone, so it can "
                     "only be saved with save_only_topk_weights=True."
                 )
-            held: TopKFactors = layer.vblora_topk[adapter]
-            for side in ("A", "B"):
-                out[indices_key(name, side)] = getattr(held, f"indices_{side}")
-                out[weights_key(name, side)] = getattr(held, f"weights_{side}")
+            held, where = layer._topk_store[adapter], layer.topk_slices[adapter]
+            for side, slots, shape in (
+                ("A", where.a_slots, where.a_shape),
+                ("B", where.b_slots, where.b_shape),
+            ):
+                out[indices_key(name, side)] = held.indices[slots].reshape(
+                    *shape, -1
+                )  # (n, k) -> (rows, cols, k)
+                out[weights_key(name, side)] = held.weights[slots].reshape(
+                    *shape, -1
+                )  # (n, k-1) -> (rows, cols, k-1)
             continue
         for side, logits in (("A", layer.vblora_logits_A[adapter]), ("B", layer.vblora_logits_B[adapter])):
             if topk:

@@ -2,7 +2,9 @@
 
 PEFT's ``ModulesToSaveWrapper`` in small: the original module is kept frozen
 as ``original_module`` and each adapter gets a trainable deep copy in
-``modules_to_save[adapter]``; the forward runs the active adapter's copy.
+``modules_to_save[adapter]``; the forward runs the active adapter's copy,
+or, in a mixed-adapter call, each row's adapter's copy (``"__base__"`` and
+adapters without a copy here: the original).
 """
 
 from __future__ import annotations
@@ -10,7 +12,11 @@ from __future__ import annotations
 import copy
 from typing import Optional
 
+import torch
 from torch import nn
+
+from ..errors import AdapterNamesError
+from .routing import BASE_ADAPTER, BatchRoute
 
 __all__ = ["ModulesToSave"]
 
@@ -21,6 +27,7 @@ class ModulesToSave(nn.Module):
     Args:
         original_module: The module to wrap (left untouched).
         name: Its name in the model, for messages.
+        route: The model's :class:`~vblora_store.engine.routing.BatchRoute` (shared).
 
     Example:
         >>> wrapper = ModulesToSave(nn.Linear(4, 2), name="score")
@@ -29,8 +36,9 @@ class ModulesToSave(nn.Module):
         ['modules_to_save.default.bias', 'modules_to_save.default.weight']
     """
 
-    def __init__(self, original_module: nn.Module, *, name: str):
+    def __init__(self, original_module: nn.Module, *, name: str, route: Optional[BatchRoute] = None):
         super().__init__()
+        object.__setattr__(self, "_route", BatchRoute() if route is None else route)
         self.original_module = original_module.requires_grad_(False)  # only the copies train
         self.modules_to_save = nn.ModuleDict()
         self.module_name = name
@@ -58,7 +66,39 @@ class ModulesToSave(nn.Module):
         return self.modules_to_save[self.active_adapter]
 
     def forward(self, *args, **kwargs):
+        if self._route.rows is not None and not self.disable_adapters and args:
+            return self._mixed(*args, **kwargs)
         return self.active_module(*args, **kwargs)
+
+    def _mixed(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """Each row of ``x`` through its adapter's copy: one call per distinct adapter (PEFT's way).
+
+        The copies are arbitrary modules, so they cannot be stacked like the
+        VB-LoRA factors; heads and embeddings are cheap next to the model.
+        """
+        names = self._route.names_for(x.shape[0], self.module_name)
+        groups: dict[str, list[int]] = {}
+        for row, name in enumerate(names):
+            groups.setdefault(name if name in self.modules_to_save else BASE_ADAPTER, []).append(row)
+        if len(groups) == 1:
+            (name,) = groups
+            return (self.original_module if name == BASE_ADAPTER else self.modules_to_save[name])(
+                x, *args, **kwargs
+            )
+        out = None
+        for name, rows in groups.items():
+            module = self.original_module if name == BASE_ADAPTER else self.modules_to_save[name]
+            index = torch.tensor(rows, device=x.device)
+            part = module(x.index_select(0, index), *args, **kwargs)
+            if not isinstance(part, torch.Tensor):
+                raise AdapterNamesError(
+                    f"module {self.module_name!r} (modules_to_save) returns {type(part).__name__}, not a tensor, "
+                    "so its rows cannot be mixed; run such a model one adapter at a time (set_adapter)."
+                )
+            if out is None:
+                out = part.new_empty((x.shape[0],) + tuple(part.shape[1:]))
+            out.index_copy_(0, index, part)
+        return out
 
     def __getattr__(self, name: str):
         try:

@@ -1,0 +1,193 @@
+"""Serving many adapters from one model: mixed-adapter calls and the factors they need.
+
+``VBLoRAModel.forward(..., adapter_names=[...])`` and ``generate(...,
+adapter_names=[...])`` come here (PEFT LoRA's API: one adapter name per row,
+``"__base__"`` for none).  :func:`routing` checks the names against the model
+and the batch, builds the factors of every adapter the batch names into its
+cache slot (one batched composition per top-k adapter, checked against the
+version counters of its three source tensors, so a warm cache costs a few
+dictionary look-ups per adapter), and opens the model's
+:class:`~vblora_store.engine.routing.BatchRoute` for the call; every adapter
+layer then runs the whole batch in one :func:`~vblora_store.engine.batched.add_lora`,
+with no loop over adapters.
+
+A compiled model (``torch.compile``) routes every call, one adapter or many,
+so its graph holds no Python cache logic; :func:`open_route` and
+:func:`close_route` run outside the graph (``torch.compiler.disable``).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional, Sequence
+
+import torch
+
+from ..errors import AdapterNamesError
+from .layer import _cache_key
+from .routing import BASE_ADAPTER, check_adapter_names
+
+__all__ = ["batch_rows", "generate_multiples", "prepare_factors", "open_route", "close_route", "routing"]
+
+#: Keyword arguments that carry the batch, in the order they are looked at.
+_BATCH_KWARGS = ("input_ids", "inputs", "inputs_embeds", "pixel_values", "input_values", "input_features")
+
+
+def batch_rows(args: Sequence[Any], kwargs: dict[str, Any]) -> Optional[int]:
+    """The batch size of a call: the leading size of its first tensor input (``None`` if it has none).
+
+    Example:
+        >>> batch_rows((torch.zeros(3, 5),), {}), batch_rows((), {"input_ids": torch.zeros(2, 4)})
+        (3, 2)
+    """
+    candidates = [a for a in args if isinstance(a, torch.Tensor)]
+    candidates += [kwargs[k] for k in _BATCH_KWARGS if isinstance(kwargs.get(k), torch.Tensor)]
+    candidates += [v for v in kwargs.values() if isinstance(v, torch.Tensor)]
+    return int(candidates[0].shape[0]) if candidates and candidates[0].dim() else None
+
+
+def generate_multiples(model: torch.nn.Module, kwargs: dict[str, Any]) -> tuple[int, ...]:
+    """How many times ``generate`` repeats each row: for beams and for returned sequences."""
+    config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+    multiples = {1}
+    for name in ("num_beams", "num_return_sequences"):
+        value = kwargs.get(name, getattr(config, name, 1))
+        if isinstance(value, int) and value > 1:
+            multiples.add(value)
+    return tuple(sorted(multiples))
+
+
+def _source_key(model, adapter: str) -> tuple:
+    """Changes whenever a tensor that ``adapter``'s factors are built from changes.
+
+    Three tensors for a top-k adapter (bank, indices, weights); the bank and
+    every layer's logits for a full one.
+    """
+    bank = model.vblora_vector_bank[adapter]
+    if adapter in model.vblora_topk:
+        held = model.vblora_topk[adapter]
+        return _cache_key((bank, held.indices, held.weights))
+    layers = [layer for layer in model.factor_cache.layers if adapter in layer.r]
+    return tuple(layer.source_key(adapter) for layer in layers)
+
+
+def prepare_factors(model, adapter: str, *, keep: Sequence[str] = ()) -> int:
+    """The cache slot of ``adapter``, its factors built there in every layer if missing or stale.
+
+    A top-k adapter's sub-vectors are composed for all its modules at once
+    (one gather over the bank), then cut into each layer's A and B.
+
+    Args:
+        model: The ``VBLoRAModel``.
+        adapter: One of its adapters.
+        keep: The other adapters of the batch, never evicted to make room.
+
+    Returns:
+        The slot.
+    """
+    cache = model.factor_cache
+    slot = cache.assign(adapter, keep=keep)
+    key = _source_key(model, adapter)
+    if cache.is_built(adapter, key):
+        return slot
+    layers = [layer for layer in cache.layers if adapter in layer.r]
+    if adapter in model.vblora_topk:
+        held, bank = model.vblora_topk[adapter], model.vblora_vector_bank[adapter]
+        with torch.inference_mode(False), torch.no_grad():
+            subvectors = held.subvectors(bank)  # (S, L), every slot of every module
+            for layer in layers:
+                where = layer.topk_slices[adapter]
+                a, b = layer.factors_from_subvectors(
+                    adapter, subvectors[where.a_slots], subvectors[where.b_slots]
+                )
+                layer.store_slot(slot, adapter, a, b.T, (adapter, layer.source_key(adapter)))
+    else:
+        for layer in layers:
+            layer.refresh_slot(adapter, slot)
+    cache.mark_built(adapter, key)
+    return slot
+
+
+def _refuse_state(model, mixed: bool) -> None:
+    if any(layer.merged for layer in model.factor_cache.layers):
+        raise AdapterNamesError(
+            "adapter_names cannot be used while an adapter is merged into the base weights; call "
+            "unmerge_adapter() first."
+        )
+    if model.training and torch.is_grad_enabled() and mixed:
+        raise AdapterNamesError(
+            "adapter_names cannot be used in training mode with gradients on; call model.eval() (or run "
+            "under torch.no_grad()) for mixed-adapter inference, and train one adapter at a time."
+        )
+
+
+@torch.compiler.disable
+def open_route(
+    model,
+    adapter_names: Optional[Sequence[str]],
+    args: Sequence[Any],
+    kwargs: dict[str, Any],
+    *,
+    multiples: Sequence[int] = (1,),
+) -> None:
+    """Route the call about to run: each row to its adapter's slot.
+
+    With ``adapter_names=None`` (a compiled call) every row takes the active
+    adapter, unless nothing would run it through the cache (no active adapter,
+    merged, or training it), in which case no route is opened.
+
+    Raises:
+        AdapterNamesError: unknown names, a length other than the batch size,
+            merged adapters, training mode with gradients on, or more adapters
+            than ``max_cached_factors``.
+    """
+    rows = batch_rows(args, kwargs)
+    if adapter_names is None:
+        active = model.active_adapter
+        if active is None or rows is None or active in model._placeholders:
+            return
+        training = torch.is_grad_enabled() and model.vblora_vector_bank[active].requires_grad
+        if training or any(layer.merged for layer in model.factor_cache.layers):
+            return
+        names = [active] * rows
+    else:
+        names = check_adapter_names(adapter_names, known=list(model.peft_config), rows=rows)
+        _refuse_state(model, mixed=True)
+    distinct = list(dict.fromkeys(name for name in names if name != BASE_ADAPTER))
+    for name in distinct:
+        if name in model._placeholders:
+            raise AdapterNamesError(
+                f"adapter {name!r} was added with low_cpu_mem_usage=True and has no weights yet; "
+                "load_adapter() it first."
+            )
+    for layer in model.factor_cache.layers:
+        layer._check_stacks()
+    slot_of = {BASE_ADAPTER: 0}
+    for name in distinct:
+        slot_of[name] = prepare_factors(model, name, keep=distinct)
+    device = model.factor_cache.layers[0].factor_a.device if model.factor_cache.layers else None
+    slots = torch.tensor([slot_of[name] for name in names], dtype=torch.int64, device=device)
+    keep = None
+    if model.training:
+        drop = [model.peft_config[n].vblora_dropout if n != BASE_ADAPTER else 0.0 for n in names]
+        if any(drop):
+            keep = torch.tensor([1.0 - p for p in drop], device=device)
+    model._route.open(names=names, slots=slots, multiples=multiples, keep=keep)
+
+
+@torch.compiler.disable
+def close_route(model) -> None:
+    """End the routed call: the layers go back to the active adapter."""
+    model._route.clear()
+
+
+@contextmanager
+def routing(
+    model, adapter_names: Sequence[str], args, kwargs, *, multiples: Sequence[int] = (1,)
+) -> Iterator[None]:
+    """:func:`open_route` for the ``with`` block, closed whatever happens in it."""
+    open_route(model, adapter_names, args, kwargs, multiples=multiples)
+    try:
+        yield
+    finally:
+        close_route(model)
