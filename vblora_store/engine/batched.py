@@ -22,8 +22,9 @@ implementation:
 
 Neither the cost nor the shapes depend on how many distinct adapters the
 batch holds, so a CUDA graph captured once serves any mix.  Under
-``torch.compile`` the operation is one custom op (``vblora_store::add_lora``),
-so the adapter layers never break the graph.
+``torch.compile`` the kernel is a ``torch.library.triton_op``
+(``vblora_store::add_lora``) that the compiled graph launches directly, and the
+reference is plain torch ops, so the adapter layers never break the graph.
 """
 
 from __future__ import annotations
@@ -32,7 +33,15 @@ import functools
 
 import torch
 
-__all__ = ["shrink", "expand", "add_lora_reference", "add_lora", "triton_available", "DECODE_TOKENS_PER_ROW"]
+__all__ = [
+    "shrink",
+    "expand",
+    "add_lora_reference",
+    "add_lora",
+    "triton_available",
+    "load_kernels",
+    "DECODE_TOKENS_PER_ROW",
+]
 
 #: Rows of at most this many tokens take the in-place kernel on CUDA; longer rows (prefill) gather.
 DECODE_TOKENS_PER_ROW = 4
@@ -106,42 +115,21 @@ def triton_available() -> bool:
     return True
 
 
-def _use_kernel(x: torch.Tensor, tokens_per_row: int) -> bool:
-    return x.is_cuda and tokens_per_row <= DECODE_TOKENS_PER_ROW and triton_available()
+_kernels = None  # vblora_store.engine.triton_kernels, once a CUDA call has loaded it
 
 
-def _add_lora_impl(
-    x: torch.Tensor,
-    result: torch.Tensor,
-    stack_a: torch.Tensor,
-    stack_bt: torch.Tensor,
-    ranks: torch.Tensor,
-    slots: torch.Tensor,
-) -> torch.Tensor:
-    rows = x.shape[0]
-    tokens_per_row = x.numel() // max(1, rows * x.shape[-1])
-    if _use_kernel(x, tokens_per_row):
-        from .triton_kernels import add_lora_kernel
+def load_kernels():
+    """Import the Triton kernels (registering their compiled op); ``None`` without Triton."""
+    global _kernels
+    if _kernels is None and triton_available():
+        from . import triton_kernels
 
-        return add_lora_kernel(x, result, stack_a, stack_bt, ranks, slots)
-    return add_lora_reference(x, result, stack_a, stack_bt, slots)
+        _kernels = triton_kernels
+    return _kernels
 
 
-@torch.library.custom_op("vblora_store::add_lora", mutates_args=())
-def _add_lora_op(
-    x: torch.Tensor,
-    result: torch.Tensor,
-    stack_a: torch.Tensor,
-    stack_bt: torch.Tensor,
-    ranks: torch.Tensor,
-    slots: torch.Tensor,
-) -> torch.Tensor:
-    return _add_lora_impl(x, result, stack_a, stack_bt, ranks, slots)
-
-
-@_add_lora_op.register_fake
-def _(x, result, stack_a, stack_bt, ranks, slots):
-    return torch.empty_like(result)
+def _tokens_per_row(x: torch.Tensor) -> int:
+    return x.numel() // max(1, x.shape[0] * x.shape[-1])
 
 
 def add_lora(
@@ -173,6 +161,11 @@ def add_lora(
         >>> out.squeeze(1).tolist()
         [[2.0, 4.0, 6.0], [0.0, 0.0, 0.0]]
     """
-    if torch.compiler.is_compiling() and x.is_cuda:
-        return torch.ops.vblora_store.add_lora(x, result, stack_a, stack_bt, ranks, slots)
-    return _add_lora_impl(x, result, stack_a, stack_bt, ranks, slots)
+    decode = x.is_cuda and _tokens_per_row(x) <= DECODE_TOKENS_PER_ROW
+    if torch.compiler.is_compiling():
+        if decode and _kernels is not None:  # loaded by the route, outside the graph
+            return torch.ops.vblora_store.add_lora(x, result, stack_a, stack_bt, ranks, slots)
+        return add_lora_reference(x, result, stack_a, stack_bt, slots)
+    if decode and load_kernels() is not None:
+        return _kernels.add_lora_kernel(x, result, stack_a, stack_bt, ranks, slots)
+    return add_lora_reference(x, result, stack_a, stack_bt, slots)

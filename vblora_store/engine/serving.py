@@ -24,6 +24,7 @@ from typing import Any, Iterator, Optional, Sequence
 import torch
 
 from ..errors import AdapterNamesError
+from .batched import load_kernels
 from .layer import _cache_key
 from .routing import BASE_ADAPTER, check_adapter_names
 
@@ -166,6 +167,8 @@ def open_route(
     for name in distinct:
         slot_of[name] = prepare_factors(model, name, keep=distinct)
     device = model.factor_cache.layers[0].factor_a.device if model.factor_cache.layers else None
+    if device is not None and device.type == "cuda":
+        load_kernels()  # before the (compiled) layers need them
     slots = torch.tensor([slot_of[name] for name in names], dtype=torch.int64, device=device)
     keep = None
     if model.training:
