@@ -34,15 +34,19 @@ SHAPES = {"q_proj": (4096, 4096), "up_proj": (4096, 11008), "down_proj": (11008,
 
 
 def configs(kernels):
-    for block_k, warps, target in itertools.product((512, 1024, 2048), (4, 8), (264, 528, 1056)):
-        yield kernels.KernelConfig("fused", block_k, 256, target, warps)
-    for block_k, warps in itertools.product((256, 512, 1024), (4, 8)):
-        yield kernels.KernelConfig("split", block_k, 256, 528, warps)
+    """The tile configurations tried: both variants, tiles and grid sizes around the defaults."""
+    for block_k, block_n, target in itertools.product((1024, 2048, 4096), (256, 512, 1024), (132, 264, 528)):
+        yield kernels.KernelConfig("fused", block_k, block_n, target, 8)
+    for block_k, block_n, warps, target in itertools.product(
+        (512, 1024, 2048), (256, 512, 1024), (4, 8), (528, 2112, 8192)
+    ):
+        yield kernels.KernelConfig("split", block_k, block_n, target, warps)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--tokens", default="16,64,256")
+    p.add_argument("--tokens", default="16,64")
+    p.add_argument("--patterns", default="distinct,one")
     p.add_argument("--rank", type=int, default=4)
     p.add_argument("--slots", type=int, default=64)
     p.add_argument("--json", type=Path)
@@ -63,10 +67,11 @@ def main() -> None:
         stack_a[0], stack_bt[0] = 0, 0
         ranks = torch.full((args.slots + 1,), r, device=device, dtype=torch.int32)
         ranks[0] = 0
-        for pattern, slots in (
-            ("distinct", torch.arange(tokens, device=device) % args.slots + 1),
-            ("one", torch.ones(tokens, device=device, dtype=torch.int64)),
-        ):
+        patterns = {
+            "distinct": torch.arange(tokens, device=device) % args.slots + 1,
+            "one": torch.ones(tokens, device=device, dtype=torch.int64),
+        }
+        for pattern, slots in [(k, patterns[k]) for k in args.patterns.split(",")]:
             ref = add_lora_reference(x.double(), result.double(), stack_a.double(), stack_bt.double(), slots)
             row = {"shape": name, "tokens": tokens, "slots": pattern}
             row["copy"] = bench(lambda: result.clone())
@@ -76,7 +81,7 @@ def main() -> None:
             for config in configs(kernels):
                 out = kernels.add_lora_kernel(x, result, stack_a, stack_bt, ranks, slots, config)
                 error = float((out.double() - ref).norm() / ref.norm())
-                label = f"{config.variant} k{config.block_k} w{config.num_warps} t{config.target_programs}"
+                label = label_of(config)
                 if not error < 2e-2:
                     row[label] = float("nan")
                     print(f"WRONG {label} {name} {tokens} {pattern}: rel error {error:.2e}")
@@ -90,13 +95,13 @@ def main() -> None:
             best = min((k for k in row if k.startswith(("fused", "split"))), key=lambda k: row[k])
             print(
                 f"{name:<9} tokens {tokens:<4} {pattern:<8} copy {row['copy'] * 1e3:6.1f} us  one {row['one adapter'] * 1e3:6.1f}"
-                f"  gather {row['gather'] * 1e3:6.1f}  default {row[label_of(kernels.DEFAULT_CONFIG)] * 1e3:6.1f}"
+                f"  gather {row['gather'] * 1e3:6.1f}"
                 f"  best {best} {row[best] * 1e3:6.1f} us"
             )
     labels = [k for k in rows[0] if k.startswith(("fused", "split"))]
     totals = {k: sum(row[k] for row in rows) for k in labels}
     print("\nsum over all cases (us), best first:")
-    for k in sorted(totals, key=totals.get)[:10]:
+    for k in sorted(totals, key=totals.get)[:15]:
         print(f"  {k:<26} {totals[k] * 1e3:8.1f}")
     print(f"  {'gather':<26} {sum(row['gather'] for row in rows) * 1e3:8.1f}")
     print(f"  {'one adapter':<26} {sum(row['one adapter'] for row in rows) * 1e3:8.1f}")
@@ -105,7 +110,9 @@ def main() -> None:
 
 
 def label_of(config) -> str:
-    return f"{config.variant} k{config.block_k} w{config.num_warps} t{config.target_programs}"
+    return (
+        f"{config.variant} k{config.block_k} n{config.block_n} w{config.num_warps} t{config.target_programs}"
+    )
 
 
 if __name__ == "__main__":
