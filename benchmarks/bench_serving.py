@@ -114,10 +114,12 @@ def write_topk_adapter(folder: Path, model, args, seed: int) -> None:
             continue
         out_f, in_f = module.weight.shape
         for side, shape in (("A", (r, in_f // length)), ("B", (out_f // length, r))):
-            logits = torch.randn(*shape, n, generator=g)
-            top, idx = logits.topk(k)
+            first = torch.randint(0, n, (*shape, 1), generator=g)
+            steps = torch.randint(1, max(2, n // k), (*shape, k - 1), generator=g)  # k distinct indices
+            idx = torch.cat([first, first + steps.cumsum(-1)], -1) % n
+            weights = torch.softmax(torch.randn(*shape, k, generator=g), -1).sort(-1, descending=True).values
             tensors[indices_key(name, side)] = idx.to(index_dtype(n))
-            tensors[weights_key(name, side)] = torch.softmax(top, -1)[..., :-1].contiguous()
+            tensors[weights_key(name, side)] = weights[..., :-1].contiguous()
     config = VBLoRAConfig(
         r=r, num_vectors=n, vector_length=length, topk=k, target_modules=TARGETS, save_only_topk_weights=True
     )
