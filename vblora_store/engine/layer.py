@@ -210,7 +210,8 @@ class VBLoRALinear(nn.Module):
         self.r[adapter] = config.r
         self.topk[adapter] = config.topk
         p = config.vblora_dropout
-        self.vblora_dropout[adapter] = nn.Dropout(p) if p > 0 else nn.Identity()
+        if p > 0:  # none for p = 0: a thousand adapters add no thousand modules to every layer
+            self.vblora_dropout[adapter] = nn.Dropout(p)
         if self.active_adapter is None:
             self.active_adapter = adapter
 
@@ -480,7 +481,8 @@ class VBLoRALinear(nn.Module):
                 "(save_only_topk_weights=True), which keeps only the top-k weights and discards the logits, "
                 "so it cannot be trained. Call model.eval() for inference, or load the full-form adapter."
             )
-        x = self.vblora_dropout[adapter](x)
+        if adapter in self.vblora_dropout:
+            x = self.vblora_dropout[adapter](x)
         if self._training_factors(adapter):
             a, b = self._build_factors(adapter)
             return result + F.linear(
