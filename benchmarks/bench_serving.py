@@ -410,7 +410,7 @@ def main() -> None:
             print("kernel vs reference, max relative error:", results["kernel_rel_error"])
         results["mixed_rows_max_abs_error_fp32"] = check_rows(args)
         print("mixed batch vs rows alone, fp32, max abs error:", results["mixed_rows_max_abs_error_fp32"])
-    if not args.no_decode or args.compile:
+    if (not args.no_decode or args.compile) and args.adapters:
         base = llama(args, args.layers)
         folders = []
         for i in range(args.adapters):
