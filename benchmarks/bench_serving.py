@@ -261,15 +261,15 @@ def check_rows(args) -> float:
     return worst
 
 
-def gathered(engine, ids, names):
-    """A mixed call through the torch reference (``index_select`` + ``bmm``) instead of the kernel."""
+def kernel_in_eager(engine, ids, names):
+    """A mixed eager call through the Triton kernels instead of the torch reference."""
     from vblora_store.engine import batched
 
-    saved, batched.DECODE_TOKENS_PER_ROW = batched.DECODE_TOKENS_PER_ROW, 0
+    saved, batched.KERNEL_IN_EAGER = batched.KERNEL_IN_EAGER, True
     try:
         return engine(input_ids=ids, adapter_names=names)
     finally:
-        batched.DECODE_TOKENS_PER_ROW = saved
+        batched.KERNEL_IN_EAGER = saved
 
 
 def decode(args, base, engine, lora, timer: Timer) -> dict:
@@ -285,7 +285,7 @@ def decode(args, base, engine, lora, timer: Timer) -> dict:
             names = names_for(batch, distinct)
             cases[f"engine-mixed-{distinct}"] = lambda names=names: engine(input_ids=ids, adapter_names=names)
             if args.device.startswith("cuda"):
-                cases[f"engine-mixed-{distinct} gather"] = lambda names=names: gathered(engine, ids, names)
+                cases[f"engine-mixed-{distinct} kernel"] = lambda names=names: kernel_in_eager(engine, ids, names)
             if lora is not None:
                 cases[f"peft-lora-mixed-{distinct}"] = lambda names=names: lora(
                     input_ids=ids, adapter_names=names

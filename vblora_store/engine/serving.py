@@ -161,6 +161,12 @@ def open_route(
                 f"adapter {name!r} was added with low_cpu_mem_usage=True and has no weights yet; "
                 "load_adapter() it first."
             )
+    capacity = model.factor_cache.capacity
+    if capacity is not None and len(distinct) > capacity:  # refused before the cache is touched
+        raise AdapterNamesError(
+            f"the batch needs the factors of {len(distinct)} adapters at once but max_cached_factors is "
+            f"{capacity}; raise max_cached_factors or split the batch."
+        )
     for layer in model.factor_cache.layers:
         layer._check_stacks()
     slot_of = {BASE_ADAPTER: 0}
