@@ -254,10 +254,18 @@ def check_rows(args) -> float:
                 alone = model(input_ids=ids[row : row + 1]).logits
             worst = max(worst, float((mixed[row : row + 1] - alone).abs().max()))
         if args.compile:
-            compiled = torch.compile(model, mode=args.compile.split(",")[-1])
+            mode = args.compile.split(",")[-1]
+            compiled, compiled_base = torch.compile(model, mode=mode), torch.compile(base, mode=mode)
             for _ in range(3):
                 again = compiled(input_ids=ids, adapter_names=names).logits
+                base_again = compiled_base(input_ids=ids).logits
+            with model.disable_adapter():
+                base_eager = model(input_ids=ids).logits
             print("fp32 compiled mixed vs eager mixed, max abs error:", float((again - mixed).abs().max()))
+            print(
+                "fp32 compiled base vs eager base, max abs error:",
+                float((base_again - base_eager).abs().max()),
+            )
     return worst
 
 
@@ -285,7 +293,9 @@ def decode(args, base, engine, lora, timer: Timer) -> dict:
             names = names_for(batch, distinct)
             cases[f"engine-mixed-{distinct}"] = lambda names=names: engine(input_ids=ids, adapter_names=names)
             if args.device.startswith("cuda"):
-                cases[f"engine-mixed-{distinct} kernel"] = lambda names=names: kernel_in_eager(engine, ids, names)
+                cases[f"engine-mixed-{distinct} kernel"] = lambda names=names: kernel_in_eager(
+                    engine, ids, names
+                )
             if lora is not None:
                 cases[f"peft-lora-mixed-{distinct}"] = lambda names=names: lora(
                     input_ids=ids, adapter_names=names
@@ -372,6 +382,8 @@ def pool(args, timer: Timer) -> dict:
     with torch.inference_mode():
         cold = timer(lambda: model(input_ids=ids, adapter_names=names))
         warm = timer(lambda: model(input_ids=ids, adapter_names=names))
+        torch.backends.cuda.matmul.allow_tf32 = False
+        model.float()  # the row check in fp32: bf16 through 32 random layers amplifies any rounding
         mixed = model(input_ids=ids, adapter_names=names).logits.float()
         worst = 0.0
         for row in (0, 17, 63):

@@ -23,6 +23,7 @@ EXPECTED = {
     "create_model.py": "trainable params:",
     "generate_text.py": "generated:",
     "low_cpu_memory.py": "bank before loading: meta",
+    "many_adapters.py": "rows match single-adapter runs: True",
     "merge_and_save.py": "same outputs: True",
     "parameter_efficiency.py": "VB-LoRA, top-k form:",
     "regex_targets.py": "gate_proj",
