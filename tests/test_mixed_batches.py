@@ -51,10 +51,20 @@ def llama_adapters(tmp_path_factory):
     folders = {
         "a": peft_save(tmp, base, "a", topk_form=True, seed=1, target_modules=["q_proj", "v_proj"]),
         "b": peft_save(
-            tmp, base, "b", topk_form=False, seed=2, r=4, num_vectors=20, vector_length=32, topk=3,
+            tmp,
+            base,
+            "b",
+            topk_form=False,
+            seed=2,
+            r=4,
+            num_vectors=20,
+            vector_length=32,
+            topk=3,
             target_modules="all-linear",
-        ),  # fmt: skip
-        "c_topk": peft_save(tmp, base, "c_topk", topk_form=True, seed=3, r=3, target_modules=["o_proj", "down_proj"]),
+        ),
+        "c_topk": peft_save(
+            tmp, base, "c_topk", topk_form=True, seed=3, r=3, target_modules=["o_proj", "down_proj"]
+        ),
     }
     folders["c"] = tmp / "c_packed"
     convert(folders["c_topk"], folders["c"], to="packed")
@@ -62,7 +72,9 @@ def llama_adapters(tmp_path_factory):
 
 
 def engine_of(base, folders, names=("a", "b", "c"), **kwargs) -> VBLoRAModel:
-    model = VBLoRAModel.from_pretrained(copy.deepcopy(base), folders[names[0]], adapter_name=names[0], **kwargs)
+    model = VBLoRAModel.from_pretrained(
+        copy.deepcopy(base), folders[names[0]], adapter_name=names[0], **kwargs
+    )
     for name in names[1:]:
         model.load_adapter(folders[name], name)
     return model.to(DEVICE).eval()
@@ -88,7 +100,9 @@ def test_each_row_equals_peft_running_it_alone(llama_adapters):
 def test_conv1d_rows_equal_their_adapter_alone(tmp_path):
     base = tiny_gpt2()
     kwargs = dict(fan_in_fan_out=True)
-    one = peft_save(tmp_path, base, "one", topk_form=True, seed=4, target_modules=["c_attn", "c_proj"], **kwargs)
+    one = peft_save(
+        tmp_path, base, "one", topk_form=True, seed=4, target_modules=["c_attn", "c_proj"], **kwargs
+    )
     two = peft_save(tmp_path, base, "two", topk_form=False, seed=5, r=3, target_modules=["c_fc"], **kwargs)
     model = VBLoRAModel.from_pretrained(copy.deepcopy(base), one, adapter_name="one")
     model.load_adapter(two, "two")
@@ -114,9 +128,11 @@ def test_unknown_keywords_reach_the_wrapped_model(llama_adapters):
     mask[1, :2] = 0  # left padding on the second row
     with torch.no_grad():
         out = model(
-            input_ids=ids.to(DEVICE), attention_mask=mask.to(DEVICE), adapter_names=["b", "a"],
+            input_ids=ids.to(DEVICE),
+            attention_mask=mask.to(DEVICE),
+            adapter_names=["b", "a"],
             output_hidden_states=True,
-        )  # fmt: skip
+        )
     assert out.hidden_states is not None and len(out.hidden_states) == 3
     reference = peft_load(base, folders["a"]).to(DEVICE).eval()
     with torch.no_grad():
@@ -206,7 +222,9 @@ def test_factor_cache_bound_evicts_the_least_recently_used(llama_adapters):
     assert model.factor_cache.num_slots == 3  # two adapters' slots and the zero slot, never more
     both = run(model, ids.repeat(2, 1), adapter_names=["a", "c"])  # "a" comes back, "b" goes
     assert model.factor_cache.resident == ["a", "c"]  # used in the batch's order
-    assert torch.allclose(both[0], alone["a"][0], atol=ATOL) and torch.allclose(both[1], alone["c"][0], atol=ATOL)
+    assert torch.allclose(both[0], alone["a"][0], atol=ATOL) and torch.allclose(
+        both[1], alone["c"][0], atol=ATOL
+    )
     with pytest.raises(ValueError, match="3 adapters at once but max_cached_factors is 2"):
         run(model, ids.repeat(3, 1), adapter_names=["a", "b", "c"])
     model.max_cached_factors = 1
@@ -346,7 +364,9 @@ def test_triton_kernels_match_the_reference():
 
 def test_dropout_applies_per_row_in_training_mode_without_gradients(tmp_path):
     base = tiny_llama()
-    drop = peft_save(tmp_path, base, "drop", topk_form=False, seed=8, target_modules=["q_proj"], vblora_dropout=0.9)
+    drop = peft_save(
+        tmp_path, base, "drop", topk_form=False, seed=8, target_modules=["q_proj"], vblora_dropout=0.9
+    )
     keep = peft_save(tmp_path, base, "keep", topk_form=False, seed=9, target_modules=["q_proj"])
     model = VBLoRAModel.from_pretrained(copy.deepcopy(base), keep, adapter_name="keep")
     model.load_adapter(drop, "drop")
