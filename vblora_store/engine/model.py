@@ -1,47 +1,36 @@
-"""``VBLoRAModel``: VB-LoRA adapters on a torch or transformers model, with PEFT's API.
+"""``VBLoRAModel``: VB-LoRA adapters on a torch or transformers model, with PEFT's ``PeftModel`` API.
 
-The wrapped model is ``self.model``; targeted layers are replaced in place by
-:class:`~vblora_store.engine.layer.VBLoRALinear`, ``modules_to_save`` by
-:class:`~vblora_store.engine.trainable.ModulesToSave`; each adapter's vector
-bank is registered once, in ``self.vblora_vector_bank``.  Files are read and
-written through the format layer, in PEFT's exact layout.
+As in PEFT, the model is two layers: this class (``PeftModel``'s role: files,
+the Hub, calls, counting) around ``self.base_model``, a
+:class:`~vblora_store.engine.tuner.VBLoRATuner` (``BaseTuner``'s role: the
+adapters inside the model), around ``self.base_model.model``, the wrapped
+model.  Attributes neither defines come from the tuner, then the wrapped model,
+so ``model.config``, ``model.peft_config`` and ``model.vblora_vector_bank`` all
+work; state-dict keys are PEFT's (``base_model.model.<module>...``).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import warnings
 from contextlib import contextmanager
+from enum import Enum
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
 from ..config import VBLoRAConfig
-from ..errors import AdapterStateError, TargetingError
-from ..format.conversion import write_adapter
-from ..format.keys import BANK_KEY, StorageForm, indices_key, logits_key, weights_key
+from ..errors import AdapterStateError
 from ..format.peft import StoredAdapter, read_adapter
 from ..hub import resolve_source
-from .cache import FactorCache
-from .layer import TopKSlice, TopKTensors, VBLoRALinear, check_fits, layer_features
-from .routing import BatchRoute
+from .saving import save_adapter, write_model_card
 from .serving import close_route, generate_multiples, open_route, routing
-from .state import (
-    adapter_layers,
-    adapter_state_dict,
-    load_other_tensors,
-    other_parameters,
-    savable_parameter_counts,
-)
-from .targeting import CLASSIFIER_HEADS, conv1d_class, find_targets
-from .trainable import ModulesToSave
+from .state import savable_parameter_counts
+from .status import LayerStatus, ModelStatus, layer_status, model_status
+from .tuner import VBLoRATuner
 
 __all__ = ["VBLoRAModel"]
-
-_WRAPPERS = (VBLoRALinear,)
 
 
 def _call_wrapped(self: "VBLoRAModel", *args: Any, **kwargs: Any) -> Any:
@@ -61,11 +50,22 @@ class _WrappedForward:
         if obj is None:
             return _call_wrapped
 
-        @functools.wraps(obj.model.forward)
+        @functools.wraps(obj.base_model.model.forward)
         def call(*args: Any, **kwargs: Any) -> Any:
             return obj._forward(*args, **kwargs)
 
         return call
+
+
+def _as_config(config: Any) -> VBLoRAConfig:
+    """A vblora_store config from ours or PEFT's ``VBLoRAConfig`` (``from_pretrained(config=...)``)."""
+    if config is None or isinstance(config, VBLoRAConfig):
+        return config
+    if not hasattr(config, "to_dict"):
+        raise AdapterStateError(f"config must be a VBLoRAConfig, got {type(config).__name__}.")
+    plain = {k: v.value if isinstance(v, Enum) else sorted(v) if isinstance(v, set) else v
+             for k, v in config.to_dict().items()}  # fmt: skip
+    return VBLoRAConfig.from_dict(plain, source=f"config ({type(config).__name__})")
 
 
 class VBLoRAModel(nn.Module):
@@ -96,50 +96,43 @@ class VBLoRAModel(nn.Module):
         *,
         max_cached_factors: Optional[int] = None,
     ):
-        self._setup(model, max_cached_factors)
+        super().__init__()
+        self.base_model = VBLoRATuner(model, max_cached_factors=max_cached_factors)
         self.add_adapter(adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage)
-
-    def _setup(self, model: nn.Module, max_cached_factors: Optional[int]) -> None:
-        nn.Module.__init__(self)
-        self.model = model
-        self.vblora_vector_bank = nn.ParameterDict()
-        self.vblora_topk = nn.ModuleDict()  # TopKTensors of each adapter held in top-k form
-        self.factor_cache = FactorCache(max_cached_factors)
-        self._route = BatchRoute()
-        self.peft_config: dict[str, VBLoRAConfig] = {}
-        self.storage_form: dict[str, StorageForm] = {}
-        self.targeted_module_names: list[str] = []
-        self.active_adapter: Optional[str] = None
-        self._placeholders: set[str] = set()  # adapters allocated on "meta", awaiting load_adapter
 
     @classmethod
     def from_pretrained(
         cls,
         model: nn.Module,
-        path: Union[str, Path],
+        model_id: Union[str, Path],
         adapter_name: str = "default",
         is_trainable: bool = False,
+        config: Optional[VBLoRAConfig] = None,
+        autocast_adapter_dtype: bool = True,
         low_cpu_mem_usage: bool = False,
         *,
+        torch_device: Optional[Union[str, torch.device]] = None,
         revision: Optional[str] = None,
         subfolder: Optional[str] = None,
         max_cached_factors: Optional[int] = None,
     ) -> "VBLoRAModel":
-        """Wrap ``model`` with the adapter saved at ``path`` (full, top-k or packed form).
+        """Wrap ``model`` with the adapter saved at ``model_id`` (full, top-k or packed form).
 
         Args:
             model: The base model the adapter was trained on.
-            path: A folder holding ``adapter_config.json`` and the weights, or a
+            model_id: A folder holding ``adapter_config.json`` and the weights, or a
                 Hub repo id (``namespace/name``).
             adapter_name: The name to give the adapter.
             is_trainable: Keep training it (full form only); otherwise the
                 adapter is frozen and the model put in eval mode.
+            config: Use this config (ours or PEFT's ``VBLoRAConfig``) instead of the saved one.
+            autocast_adapter_dtype: Load float16/bfloat16 adapter tensors as float32 (PEFT's default).
             low_cpu_mem_usage: Accepted for PEFT compatibility; loading never
                 allocates a random adapter first, so memory is always low.
+            torch_device: Where the adapter's tensors go (default: each beside its layer).
             revision: Branch, tag or commit of a Hub repo.
             subfolder: The adapter's folder inside the repo or the local folder.
-            max_cached_factors: Most adapters whose dense factors are kept
-                built at once (see :class:`VBLoRAModel`).
+            max_cached_factors: Most adapters whose dense factors are kept built at once.
 
         Returns:
             The wrapped model.
@@ -152,18 +145,16 @@ class VBLoRAModel(nn.Module):
             >>> model = VBLoRAModel.from_pretrained(base, "adapters/topk")  # doctest: +SKIP
         """
         self = cls.__new__(cls)
-        self._setup(model, max_cached_factors)
+        nn.Module.__init__(self)
+        self.base_model = VBLoRATuner(model, max_cached_factors=max_cached_factors)
         self.load_adapter(
-            path,
-            adapter_name,
-            is_trainable=is_trainable,
-            low_cpu_mem_usage=low_cpu_mem_usage,
-            revision=revision,
-            subfolder=subfolder,
-        )
+            model_id, adapter_name, is_trainable=is_trainable, torch_device=torch_device,
+            autocast_adapter_dtype=autocast_adapter_dtype, low_cpu_mem_usage=low_cpu_mem_usage,
+            revision=revision, subfolder=subfolder, config=config,
+        )  # fmt: skip
         return self
 
-    # -- adding adapters ---------------------------------------------------------------
+    # -- adapters ------------------------------------------------------------------------
 
     def add_adapter(
         self, adapter_name: str, config: VBLoRAConfig, *, low_cpu_mem_usage: bool = False
@@ -173,279 +164,102 @@ class VBLoRAModel(nn.Module):
         Example:
             >>> model.add_adapter("second", VBLoRAConfig(target_modules=["q_proj"]))  # doctest: +SKIP
         """
-        self._inject(adapter_name, config, None, low_cpu_mem_usage=low_cpu_mem_usage)
-        if low_cpu_mem_usage:
-            self._placeholders.add(adapter_name)
-        if self.active_adapter is None:
-            self.active_adapter = adapter_name
-        self._set_requires_grad(adapter_name, adapter_name == self.active_adapter)
+        tuner = self.base_model
+        tuner.inject(adapter_name, _as_config(config), None, meta=low_cpu_mem_usage)
+        tuner.set_trainable(adapter_name, adapter_name == tuner.active_adapter)
 
     def load_adapter(
         self,
-        path: Union[str, Path],
+        model_id: Union[str, Path],
         adapter_name: str,
         is_trainable: bool = False,
+        torch_device: Optional[Union[str, torch.device]] = None,
+        autocast_adapter_dtype: bool = True,
         low_cpu_mem_usage: bool = False,
         *,
         revision: Optional[str] = None,
         subfolder: Optional[str] = None,
+        config: Optional[VBLoRAConfig] = None,
     ) -> None:
-        """Load the adapter saved at ``path`` under ``adapter_name`` (it does not become active).
+        """Load the adapter saved at ``model_id`` under ``adapter_name`` (it does not become active).
 
         Args:
-            path: A folder holding ``adapter_config.json`` and the weights, or a
+            model_id: A folder holding ``adapter_config.json`` and the weights, or a
                 Hub repo id (``namespace/name``).
             adapter_name: The name to give it; may be a ``low_cpu_mem_usage``
                 placeholder, which is then replaced.
             is_trainable: Make it trainable (full form only); otherwise the
                 model is put in eval mode, as PEFT does.
+            torch_device: Where the adapter's tensors go (default: each beside its layer).
+            autocast_adapter_dtype: Load float16/bfloat16 adapter tensors as float32.
             low_cpu_mem_usage: Accepted for PEFT compatibility (always low).
             revision: Branch, tag or commit of a Hub repo.
             subfolder: The adapter's folder inside the repo or the local folder.
+            config: Use this config instead of the saved one.
 
         Raises:
             AdapterStateError: ``is_trainable`` with a top-k adapter, or the name is taken.
         """
-        folder = resolve_source(path, revision=revision, subfolder=subfolder, nested=False)
-        stored = read_adapter(folder, name=adapter_name)
+        tuner = self.base_model
+        folder = resolve_source(model_id, revision=revision, subfolder=subfolder, nested=False)
+        stored = read_adapter(folder, name=adapter_name, config=_as_config(config))
         if is_trainable and not stored.form.has_logits:
             raise AdapterStateError(
                 f"{stored.folder}: the adapter is stored in {stored.form.value} form, which keeps the "
                 "top-k weights but not the logits, so it cannot be trained. Load it with "
                 "is_trainable=False, or train from the full-form adapter."
             )
-        if adapter_name in self._placeholders:
-            self.delete_adapter(adapter_name)
-        self._inject(adapter_name, stored.config, stored)
-        if self.active_adapter is None:
-            self.active_adapter = adapter_name
-        self._set_requires_grad(adapter_name, is_trainable)
+        if adapter_name in tuner._placeholders:
+            tuner.forget(adapter_name)
+        tuner.inject(
+            adapter_name, stored.config, stored, device=torch_device, autocast=autocast_adapter_dtype
+        )
+        tuner.set_trainable(adapter_name, is_trainable)
         if not is_trainable:
             self.eval()
-
-    def _prepared_config(self, config: VBLoRAConfig) -> VBLoRAConfig:
-        """A copy of ``config`` with the task head PEFT adds to ``modules_to_save``."""
-        config = dataclasses.replace(config)
-        heads = CLASSIFIER_HEADS.get(str(config.task_type), [])
-        if heads:
-            config.modules_to_save = list(config.modules_to_save or []) + [
-                h for h in heads if h not in (config.modules_to_save or [])
-            ]
-        return config
-
-    def _fan_in_fan_out(self, config: VBLoRAConfig, base: nn.Module, name: str) -> bool:
-        """PEFT's correction: False for a Linear, True for a Conv1D, warning if the config disagrees."""
-        conv1d = conv1d_class()
-        if conv1d is not None and isinstance(base, conv1d):
-            if not config.fan_in_fan_out:
-                warnings.warn(
-                    f"{name}: fan_in_fan_out is False but the target is Conv1D; setting it to True."
-                )
-                config.fan_in_fan_out = True
-        elif config.fan_in_fan_out:
-            warnings.warn(f"{name}: fan_in_fan_out is True but the target is nn.Linear; setting it to False.")
-            config.fan_in_fan_out = False
-        return config.fan_in_fan_out
-
-    def _inject(
-        self,
-        adapter: str,
-        config: VBLoRAConfig,
-        stored: Optional[StoredAdapter],
-        *,
-        low_cpu_mem_usage: bool = False,
-    ) -> None:
-        """Wrap the targeted layers with ``adapter``: fresh (PEFT's init and RNG order) or from ``stored``.
-
-        Every check runs before the model changes; if reading the file fails
-        half-way, what was added is removed again.
-        """
-        if adapter in self.peft_config:
-            raise AdapterStateError(
-                f"an adapter named {adapter!r} exists; delete_adapter() it or pick another name."
-            )
-        if not adapter or "." in adapter:
-            raise AdapterStateError(f"adapter name {adapter!r} is empty or has a '.'; pick a plain name.")
-        config = self._prepared_config(config)
-        plan = self._plan(config, stored)
-        try:
-            self._wrap(adapter, config, stored, plan, meta=low_cpu_mem_usage and stored is None)
-        except BaseException:
-            self._forget(adapter)
-            raise
-
-    def _plan(
-        self, config: VBLoRAConfig, stored: Optional[StoredAdapter]
-    ) -> list[tuple[str, nn.Module, bool]]:
-        """``(name, base layer, fan_in_fan_out)`` of every target, all checked; the model is not touched."""
-        names = find_targets(
-            self.model, config, modules_to_save=list(config.modules_to_save or []), skip=_WRAPPERS
-        )
-        if stored is not None and set(names) != set(stored.modules):
-            missing = sorted(set(stored.modules) - set(names))[:3]
-            extra = sorted(set(names) - set(stored.modules))[:3]
-            raise TargetingError(
-                f"{stored.folder}: the adapter's modules do not match this model's targets (in the file "
-                f"only: {missing}; targeted but absent from the file: {extra}); load it on the model it "
-                "was trained on."
-            )
-        plan = []
-        for name in names:
-            module = self.model.get_submodule(name)
-            base = module.base_layer if isinstance(module, VBLoRALinear) else module
-            fan = self._fan_in_fan_out(config, base, name)
-            check_fits(name, *layer_features(base, fan), config.vector_length)
-            plan.append((name, base, fan))
-        return plan
-
-    def _wrap(
-        self, adapter: str, config: VBLoRAConfig, stored: Optional[StoredAdapter], plan, *, meta: bool
-    ) -> None:
-        """Add ``adapter`` to every planned layer, its bank, its ``modules_to_save`` copies."""
-        self.peft_config[adapter] = config
-        self.storage_form[adapter] = StorageForm.FULL if stored is None else stored.form
-        n, length, bound = config.num_vectors, config.vector_length, config.init_vector_bank_bound
-        bank = torch.zeros(n, length, device="meta" if meta else "cpu")
-        topk_indices, topk_weights, start = [], [], 0
-        for name, base, fan in plan:
-            module = self.model.get_submodule(name)
-            if not isinstance(module, VBLoRALinear):
-                module = VBLoRALinear(
-                    base,
-                    self.vblora_vector_bank,
-                    name=name,
-                    fan_in_fan_out=fan,
-                    topk_store=self.vblora_topk,
-                    cache=self.factor_cache,
-                    route=self._route,
-                )
-                self._set_child(name, module)
-            device = base.weight.device
-            if stored is None:
-                if not meta:
-                    bank.uniform_(-bound, bound)  # PEFT redraws the bank per module; the last draw is kept
-                module.add_full(adapter, config, device="meta" if meta else device)
-            elif stored.form.has_logits:
-                logits = [stored.checked_tensor(logits_key(name, side)).to(device) for side in "AB"]
-                module.add_full(adapter, config, *logits)
-            else:
-                a_idx, a_w, b_idx, b_w = [
-                    stored.checked_tensor(key(name, s)) for s in "AB" for key in (indices_key, weights_key)
-                ]
-                where = TopKSlice(start, tuple(a_idx.shape[:2]), tuple(b_idx.shape[:2]))
-                for part in (a_idx, b_idx):
-                    topk_indices.append(part.reshape(-1, part.shape[-1]))  # (rows, cols, k) -> (slots, k)
-                for part in (a_w, b_w):
-                    topk_weights.append(part.reshape(-1, part.shape[-1]))  # (rows, cols, k-1) -> (slots, k-1)
-                start = where.b_slots.stop
-                module.add_topk(adapter, config, where)
-            if name not in self.targeted_module_names:
-                self.targeted_module_names.append(name)
-        device = plan[0][1].weight.device
-        if stored is not None:
-            bank = stored.checked_tensor(BANK_KEY)
-        if topk_indices:
-            self.vblora_topk[adapter] = TopKTensors(
-                torch.cat(topk_indices).to(device), torch.cat(topk_weights).to(device)
-            )
-        self.vblora_vector_bank[adapter] = nn.Parameter(bank if meta else bank.to(device))
-        self._add_modules_to_save(adapter, list(config.modules_to_save or []))
-        if stored is not None:
-            load_other_tensors(self.model, stored, adapter)
-        self._activate(self.active_adapter or adapter)
-
-    def _add_modules_to_save(self, adapter: str, names: list[str]) -> None:
-        # PEFT's rule (``_set_trainable``): a plain suffix match, so "norm" also takes "input_layernorm".
-        for key, module in list(self.model.named_modules()):
-            if not key or not any(key.endswith(n) for n in names):
-                continue
-            if not isinstance(module, ModulesToSave):
-                module = ModulesToSave(module, name=key, route=self._route)
-                self._set_child(key, module)
-            module.add_adapter(adapter)
-
-    def _set_child(self, name: str, module: nn.Module) -> None:
-        """Put ``module`` at ``name`` in the wrapped model."""
-        parent, _, child = name.rpartition(".")
-        setattr(self.model.get_submodule(parent) if parent else self.model, child, module)
-
-    # -- which adapter runs --------------------------------------------------------------
-
-    def _wrappers(self) -> Iterator[nn.Module]:
-        return (m for m in self.model.modules() if isinstance(m, (VBLoRALinear, ModulesToSave)))
-
-    def _activate(self, adapter: Optional[str]) -> None:
-        for module in self._wrappers():
-            module.active_adapter = adapter
-        self.active_adapter = adapter
-
-    def _check_known(self, adapter: str) -> None:
-        if adapter not in self.peft_config:
-            raise AdapterStateError(
-                f"no adapter named {adapter!r}; this model has {sorted(self.peft_config)}."
-            )
-
-    def _set_requires_grad(self, adapter: str, trainable: bool) -> None:
-        """PEFT's trainability: the base frozen; the adapter's bank, logits and copies as asked."""
-        trainable = trainable and self.storage_form[adapter].has_logits
-        if len(self.peft_config) == 1:
-            self.model.requires_grad_(False)
-        self.vblora_vector_bank[adapter].requires_grad_(trainable)
-        for _, layer in adapter_layers(self.model, adapter):
-            for holder in (layer.vblora_logits_A, layer.vblora_logits_B):
-                if adapter in holder:
-                    holder[adapter].requires_grad_(trainable)
-        for module in self.model.modules():
-            if isinstance(module, ModulesToSave) and adapter in module.modules_to_save:
-                module.modules_to_save[adapter].requires_grad_(trainable)
-        if trainable:  # and the biases its bias mode trains: exactly what saving it writes
-            for param in other_parameters(self.model, adapter, self.peft_config[adapter]).values():
-                param.requires_grad_(True)
-
-    @property
-    def active_adapters(self) -> list[str]:
-        """``[active_adapter]`` (PEFT's plural form)."""
-        return [] if self.active_adapter is None else [self.active_adapter]
 
     def set_adapter(self, adapter_name: str, inference_mode: bool = False) -> None:
         """Make ``adapter_name`` the active adapter; like PEFT it becomes trainable unless ``inference_mode``.
 
         Other adapters are frozen.  A merged model is unmerged first, with a warning.
         """
-        self._check_known(adapter_name)
-        if any(getattr(m, "merged", False) for m in self._wrappers()):
-            warnings.warn("set_adapter on a merged model: unmerging first.")
-            self.unmerge_adapter()
-        for name in self.peft_config:
-            self._set_requires_grad(name, name == adapter_name and not inference_mode)
-        self._activate(adapter_name)
+        self.base_model.set_adapter(adapter_name, inference_mode)
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove an adapter everywhere; if it was active, the first remaining one becomes active."""
-        self._check_known(adapter_name)
-        self._forget(adapter_name)
+        self.base_model.check_known(adapter_name)
+        self.base_model.forget(adapter_name)
 
-    def _forget(self, adapter: str) -> None:
-        """Remove whatever part of ``adapter`` exists; unwrap what holds no adapter any more."""
-        for module in list(self._wrappers()):
-            module.delete_adapter(adapter)
-            if isinstance(module, VBLoRALinear) and not module.adapters:
-                self._replace(module, module.base_layer)
-                self.factor_cache.unregister(module)
-            elif isinstance(module, ModulesToSave) and not len(module.modules_to_save):
-                self._replace(module, module.original_module)
-        if adapter in self.vblora_vector_bank:
-            del self.vblora_vector_bank[adapter]
-        if adapter in self.vblora_topk:
-            del self.vblora_topk[adapter]
-        self.factor_cache.release(adapter)
-        self.peft_config.pop(adapter, None)
-        self.storage_form.pop(adapter, None)
-        self._placeholders.discard(adapter)
-        held = {n for n, m in self.model.named_modules() if isinstance(m, VBLoRALinear)}
-        self.targeted_module_names = [n for n in self.targeted_module_names if n in held]
-        if self.active_adapter == adapter:
-            self._activate(next(iter(self.peft_config), None))
+    def set_requires_grad(self, adapter_names: Union[str, Sequence[str]], requires_grad: bool = True) -> None:
+        """Turn gradients on or off for the given adapters (their banks, logits, copies, trained biases)."""
+        self.base_model.set_requires_grad(adapter_names, requires_grad)
+
+    @property
+    def active_adapter(self) -> Optional[str]:
+        """The adapter that runs (PEFT's singular form)."""
+        return self.base_model.active_adapter
+
+    @property
+    def active_adapters(self) -> list[str]:
+        """``[active_adapter]`` (PEFT's plural form)."""
+        active = self.base_model.active_adapter
+        return [] if active is None else [active]
+
+    @property
+    def peft_config(self) -> dict[str, VBLoRAConfig]:
+        """Every adapter's config, by name."""
+        return self.base_model.peft_config
+
+    @property
+    def active_peft_config(self) -> VBLoRAConfig:
+        """The active adapter's config."""
+        return self.peft_config[self.active_adapter]
+
+    @property
+    def modules_to_save(self) -> Optional[set[str]]:
+        """The ``modules_to_save`` of every adapter together, or ``None`` (as PEFT)."""
+        modules = {m for config in self.peft_config.values() for m in (config.modules_to_save or [])}
+        return modules or None
 
     @contextmanager
     def disable_adapter(self) -> Iterator[None]:
@@ -455,7 +269,7 @@ class VBLoRAModel(nn.Module):
             >>> with model.disable_adapter():  # doctest: +SKIP
             ...     base_logits = model(input_ids).logits
         """
-        wrappers = list(self._wrappers())
+        wrappers = list(self.base_model.wrappers())
         for module in wrappers:
             module.disable_adapters = True
         try:
@@ -464,47 +278,39 @@ class VBLoRAModel(nn.Module):
             for module in wrappers:
                 module.disable_adapters = False
 
+    def enable_adapter_layers(self) -> None:
+        """Switch the adapters back on after :meth:`disable_adapter_layers`."""
+        self.base_model.set_adapter_layers(True)
+
+    def disable_adapter_layers(self) -> None:
+        """Run the base model alone until :meth:`enable_adapter_layers` (a merged adapter is unmerged)."""
+        self.base_model.set_adapter_layers(False)
+
     # -- merging and unloading -------------------------------------------------------------
 
-    def _layers(self) -> Iterator[VBLoRALinear]:
-        return (m for m in self.model.modules() if isinstance(m, VBLoRALinear))
+    def merge_adapter(self, adapter_names: Optional[Sequence[str]] = None, safe_merge: bool = False) -> None:
+        """Add ``ΔW`` of ``adapter_names`` (default: the active adapter) to the base weights.
 
-    def merge_adapter(self, safe_merge: bool = False) -> None:
-        """Merge the active adapter into the base weights (undo with :meth:`unmerge_adapter`)."""
-        if self.active_adapter is None:
-            raise AdapterStateError("no active adapter to merge; set_adapter() one first.")
-        for layer in self._layers():
-            if self.active_adapter in layer.r:
-                layer.merge(self.active_adapter, safe_merge=safe_merge)
+        Undo with :meth:`unmerge_adapter`; ``safe_merge`` checks every merged weight for NaN/inf first.
+        """
+        self.base_model.merge_adapter(adapter_names, safe_merge=safe_merge)
 
     def unmerge_adapter(self) -> None:
         """Subtract every merged adapter from the base weights."""
-        for layer in self._layers():
-            layer.unmerge()
+        self.base_model.unmerge_adapter()
 
-    def _replace(self, module: nn.Module, new: nn.Module) -> None:
-        """Put ``new`` where ``module`` is in the wrapped model."""
-        for key, candidate in self.model.named_modules():
-            if candidate is module:
-                self._set_child(key, new)
-                return
-
-    def _unload(self, merge: bool, safe_merge: bool = False) -> nn.Module:
-        if merge:
-            self.merge_adapter(safe_merge=safe_merge)
-        for module in list(self._wrappers()):
-            if isinstance(module, VBLoRALinear):
-                self._replace(module, module.base_layer)
-                self.factor_cache.unregister(module)
-            elif isinstance(module, ModulesToSave):
-                self._replace(module, module.active_module)
-        return self.model
-
-    def merge_and_unload(self, safe_merge: bool = False) -> nn.Module:
-        """Merge the active adapter and return the base model itself, with no wrapper left.
+    def merge_and_unload(
+        self,
+        progressbar: bool = False,
+        safe_merge: bool = False,
+        adapter_names: Optional[Sequence[str]] = None,
+    ) -> nn.Module:
+        """Merge ``adapter_names`` (default: the active adapter) and return the base model itself.
 
         Args:
+            progressbar: Show a progress bar over the modules.
             safe_merge: Check every merged weight for NaN/inf before writing it.
+            adapter_names: The adapters to merge.
 
         Returns:
             The original model object, its targeted weights updated; the
@@ -514,59 +320,106 @@ class VBLoRAModel(nn.Module):
             >>> merged = model.merge_and_unload()  # doctest: +SKIP
             >>> merged.save_pretrained("merged-model")  # doctest: +SKIP
         """
-        return self._unload(merge=True, safe_merge=safe_merge)
+        return self.base_model.unload(
+            merge=True, safe_merge=safe_merge, adapter_names=adapter_names, progressbar=progressbar
+        )
 
     def unload(self) -> nn.Module:
         """Remove every wrapper without merging and return the base model."""
-        return self._unload(merge=False)
+        return self.base_model.unload(merge=False)
 
-    # -- saving and counting ------------------------------------------------------------------
+    # -- saving and publishing ----------------------------------------------------------------
 
     def save_pretrained(
         self,
         save_directory: Union[str, Path],
-        save_only_topk_weights: Optional[bool] = None,
+        safe_serialization: bool = True,
         selected_adapters: Optional[list[str]] = None,
+        save_embedding_layers: Union[bool, str] = "auto",
+        is_main_process: bool = True,
+        *,
+        save_only_topk_weights: Optional[bool] = None,
     ) -> None:
-        """Save adapters in PEFT's layout: ``default`` at the root, others in sub-folders.
+        """Save adapters in PEFT's layout: ``default`` at the root, others in sub-folders, and a ``README.md``.
 
         Args:
             save_directory: The folder (created if missing).
+            safe_serialization: ``adapter_model.safetensors`` (default) or ``adapter_model.bin``.
+            selected_adapters: Which adapters (default: all).
+            save_embedding_layers: Also save the input and output embeddings
+                (``"auto"``: when the vocabulary was resized).
+            is_main_process: Write nothing unless true (multi-process training).
             save_only_topk_weights: Override each adapter's config (``True``
                 saves indices and weights only: small, inference only).
-            selected_adapters: Which adapters (default: all).
+
+        Raises:
+            AdapterStateError: an unknown adapter, or ``save_directory`` is a file.
 
         Example:
             >>> model.save_pretrained("out", save_only_topk_weights=True)  # doctest: +SKIP
         """
-        root = Path(save_directory)
-        for adapter in selected_adapters or list(self.peft_config):
-            self._check_known(adapter)
+        root, tuner = Path(save_directory), self.base_model
+        if root.is_file():
+            raise AdapterStateError(f"{root}: is a file; save_pretrained needs a folder.")
+        adapters = tuner.check_known(
+            list(self.peft_config) if selected_adapters is None else selected_adapters
+        )
+        if not is_main_process:
+            return
+        root.mkdir(parents=True, exist_ok=True)
+        write_model_card(root, tuner.model, self.peft_config[self.active_adapter or adapters[0]])
+        for adapter in adapters:
             config = self.peft_config[adapter]
             topk = config.save_only_topk_weights if save_only_topk_weights is None else save_only_topk_weights
-            if config.base_model_name_or_path is None:
-                name_or_path = getattr(getattr(self.model, "config", None), "name_or_path", None) or None
-            else:
-                name_or_path = config.base_model_name_or_path
-            saved = dataclasses.replace(
-                config,
-                save_only_topk_weights=bool(topk),
-                inference_mode=True,
-                base_model_name_or_path=name_or_path,
+            save_adapter(
+                root if adapter == "default" else root / adapter, tuner.model, tuner.vblora_vector_bank[adapter],
+                adapter, config, topk=bool(topk), safe_serialization=safe_serialization,
+                save_embedding_layers=save_embedding_layers,
+            )  # fmt: skip
+
+    def push_to_hub(self, repo_id: str, *, to: Optional[str] = None, **kwargs: Any) -> str:
+        """Upload the adapters (saved as :meth:`save_pretrained` saves them) with a model card.
+
+        Args:
+            repo_id: ``namespace/name``.
+            to: Convert first (``"topk"`` or ``"packed"``).
+            **kwargs: ``private``, ``revision``, ``commit_message``, ``create_pr``,
+                and :meth:`save_pretrained`'s ``selected_adapters`` and
+                ``save_only_topk_weights``; anything else is refused.
+
+        Returns:
+            The URL of the commit or pull request.
+
+        Example:
+            >>> model.push_to_hub("acme/my-adapter", to="packed")  # doctest: +SKIP
+        """
+        import tempfile
+
+        from ..format.atomic import TMP_PREFIX
+        from ..hub import push
+
+        save_keys = {"selected_adapters", "save_only_topk_weights", "safe_serialization"}
+        push_keys = {"private", "revision", "commit_message", "create_pr"}
+        unknown = sorted(set(kwargs) - save_keys - push_keys)
+        if unknown:
+            raise TypeError(
+                f"push_to_hub() got unsupported argument(s) {unknown}; it takes {sorted(save_keys | push_keys)}."
             )
-            tensors = adapter_state_dict(
-                self.model, self.vblora_vector_bank[adapter], adapter, saved, topk=topk
-            )
-            write_adapter(root if adapter == "default" else root / adapter, saved, tensors)
+        with tempfile.TemporaryDirectory(prefix=TMP_PREFIX) as work:
+            self.save_pretrained(work, **{k: v for k, v in kwargs.items() if k in save_keys})
+            return push(work, repo_id, to=to, **{k: v for k, v in kwargs.items() if k in push_keys})
+
+    # -- counting and status ------------------------------------------------------------------
 
     def get_nb_savable_parameters(self, adapter: str = "default") -> tuple[int, int]:
         """``(vblora_params, other_params)`` that saving ``adapter`` writes (float32-equivalent).
 
         Unlike PEFT, which sums over every adapter, this counts ``adapter`` alone.
         """
-        self._check_known(adapter)
-        bank = self.vblora_vector_bank[adapter]
-        return savable_parameter_counts(self.model, bank, adapter, self.peft_config[adapter])
+        tuner = self.base_model
+        tuner.check_known(adapter)
+        bank = tuner.vblora_vector_bank[adapter]
+        return savable_parameter_counts(tuner.model, bank, adapter, self.peft_config[adapter])
 
     def print_savable_parameters(self, adapter: Optional[str] = None) -> None:
         """Print PEFT's line of savable parameters for ``adapter`` (default: the active one)."""
@@ -589,11 +442,19 @@ class VBLoRAModel(nn.Module):
             f"trainable%: {100 * trainable / total:.4f}"
         )
 
-    # -- behaving like the wrapped model ----------------------------------------------------------
+    def get_layer_status(self) -> list[LayerStatus]:
+        """Each adapter layer and wrapper: enabled, active, merged, available adapters, gradients, devices."""
+        return layer_status(self.base_model)
+
+    def get_model_status(self) -> ModelStatus:
+        """The model as a whole, ``"irregular"`` where its layers disagree (PEFT's ``get_model_status``)."""
+        return model_status(self, self.base_model)
+
+    # -- calls ----------------------------------------------------------------------------------
 
     def get_base_model(self) -> nn.Module:
         """The wrapped model (with its layers wrapped)."""
-        return self.model
+        return self.base_model.model
 
     forward = _WrappedForward()
 
@@ -609,15 +470,16 @@ class VBLoRAModel(nn.Module):
             AdapterNamesError: an unknown name, a list whose length is not the
                 batch size, merged adapters, or training mode with gradients on.
         """
+        tuner = self.base_model
         if torch.compiler.is_compiling():  # route every compiled call: no cache logic in the graph
-            open_route(self, adapter_names, args, kwargs)
-            out = self.model(*args, **kwargs)
-            close_route(self)
+            open_route(tuner, adapter_names, args, kwargs)
+            out = tuner.model(*args, **kwargs)
+            close_route(tuner)
             return out
         if adapter_names is None:
-            return self.model(*args, **kwargs)
-        with routing(self, adapter_names, args, kwargs):
-            return self.model(*args, **kwargs)
+            return tuner.model(*args, **kwargs)
+        with routing(tuner, adapter_names, args, kwargs):
+            return tuner.model(*args, **kwargs)
 
     def generate(self, *args: Any, adapter_names: Optional[list[str]] = None, **kwargs: Any) -> Any:
         """The wrapped model's ``generate``; ``adapter_names`` gives each row of the batch its own adapter.
@@ -627,10 +489,13 @@ class VBLoRAModel(nn.Module):
         Example:
             >>> model.generate(input_ids, adapter_names=["a", "b", "__base__"])  # doctest: +SKIP
         """
+        inner = self.base_model.model
         if adapter_names is None:
-            return self.model.generate(*args, **kwargs)
-        with routing(self, adapter_names, args, kwargs, multiples=generate_multiples(self.model, kwargs)):
-            return self.model.generate(*args, **kwargs)
+            return inner.generate(*args, **kwargs)
+        with routing(
+            self.base_model, adapter_names, args, kwargs, multiples=generate_multiples(inner, kwargs)
+        ):
+            return inner.generate(*args, **kwargs)
 
     @property
     def max_cached_factors(self) -> Optional[int]:
@@ -638,11 +503,11 @@ class VBLoRAModel(nn.Module):
 
         Setting it lower evicts the least recently used ones now.
         """
-        return self.factor_cache.capacity
+        return self.base_model.factor_cache.capacity
 
     @max_cached_factors.setter
     def max_cached_factors(self, value: Optional[int]) -> None:
-        self.factor_cache.capacity = value
+        self.base_model.factor_cache.capacity = value
 
     def gradient_checkpointing_enable(self, **kwargs: Any) -> None:
         """Enable the wrapped model's gradient checkpointing, keeping inputs differentiable.
@@ -650,14 +515,15 @@ class VBLoRAModel(nn.Module):
         With a frozen embedding the checkpointed blocks would see no input
         requiring gradients; like PEFT, input gradients are switched on.
         """
-        self.model.gradient_checkpointing_enable(**kwargs)
-        if hasattr(self.model, "enable_input_require_grads"):
-            self.model.enable_input_require_grads()
+        inner = self.base_model.model
+        inner.gradient_checkpointing_enable(**kwargs)
+        if hasattr(inner, "enable_input_require_grads"):
+            inner.enable_input_require_grads()
 
     def __getattr__(self, name: str) -> Any:
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name == "model":
+            if name == "base_model":
                 raise
-            return getattr(self.model, name)
+            return getattr(self.base_model, name)

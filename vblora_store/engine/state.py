@@ -25,6 +25,7 @@ __all__ = [
     "adapter_layers",
     "other_parameters",
     "adapter_state_dict",
+    "embedding_parameters",
     "load_other_tensors",
     "savable_parameter_counts",
 ]
@@ -111,17 +112,33 @@ def adapter_state_dict(
     return {k: v.detach().to("cpu").contiguous() for k, v in out.items()}
 
 
+def embedding_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The input and output embeddings' parameters by PEFT key (``save_embedding_layers``)."""
+    out: dict[str, nn.Parameter] = {}
+    if not hasattr(model, "get_input_embeddings"):
+        return out
+    layers = [model.get_input_embeddings(), model.get_output_embeddings()]
+    for name, module in model.named_modules():
+        if name and any(module is layer for layer in layers if layer is not None):
+            for pname, param in module.named_parameters():
+                out[f"{MODEL_PREFIX}{name}.{pname}"] = param
+    return out
+
+
 def load_other_tensors(model: nn.Module, stored: StoredAdapter, adapter: str) -> None:
-    """Copy the stored ``modules_to_save`` copies and biases into the model.
+    """Copy the stored ``modules_to_save`` copies, biases and embedding layers into the model.
+
+    Embedding layers (saved with PEFT's ``save_embedding_layers``) are copied
+    into the base model's embeddings, as PEFT loads them.
 
     Raises:
         InvalidAdapterError: the file holds a tensor this model has no place
             for, or one of another shape.
     """
-    targets = other_parameters(model, adapter, stored.config)
+    targets = {**embedding_parameters(model), **other_parameters(model, adapter, stored.config)}
     for key in stored.other_keys:
         param = targets.get(key)
-        value = stored.tensor(key)
+        value = stored.checked_tensor(key)
         if param is None or tuple(param.shape) != tuple(value.shape):
             where = "no such parameter" if param is None else f"the model's is {list(param.shape)}"
             raise InvalidAdapterError(

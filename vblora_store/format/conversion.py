@@ -19,7 +19,15 @@ from ..errors import UnsupportedConversionError
 from ..topk import select_topk
 from .atomic import atomic_folder, check_destination
 from .packed import BankDtype, WeightsDtype, pack_topk
-from .keys import WEIGHTS_NAME, StorageForm, index_dtype, indices_key, parse_key, weights_key
+from .keys import (
+    WEIGHTS_NAME,
+    WEIGHTS_NAME_BIN,
+    StorageForm,
+    index_dtype,
+    indices_key,
+    parse_key,
+    weights_key,
+)
 from .peft import StoredAdapter, read_adapters
 
 __all__ = ["convert_tensors", "write_adapter", "convert", "SAFETENSORS_METADATA"]
@@ -96,12 +104,21 @@ def write_adapter(
     config: VBLoRAConfig,
     tensors: dict[str, torch.Tensor],
     metadata: Optional[dict[str, str]] = None,
+    *,
+    safe_serialization: bool = True,
 ) -> None:
-    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` into ``folder`` as PEFT does."""
+    """Write ``adapter_config.json`` and the weights into ``folder`` as PEFT does.
+
+    The weights are ``adapter_model.safetensors``, or with ``safe_serialization=False``
+    ``adapter_model.bin`` (``torch.save``), PEFT's two choices.
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(folder)
-    save_file(tensors, str(folder / WEIGHTS_NAME), metadata=metadata or SAFETENSORS_METADATA)
+    if safe_serialization:
+        save_file(tensors, str(folder / WEIGHTS_NAME), metadata=metadata or SAFETENSORS_METADATA)
+    else:
+        torch.save(tensors, str(folder / WEIGHTS_NAME_BIN))
 
 
 def convert(

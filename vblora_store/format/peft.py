@@ -25,7 +25,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from ..config import CONFIG_NAME, VBLoRAConfig
-from ..errors import AdapterNotFoundError, InvalidAdapterError, UnsafePathError
+from ..errors import AdapterNotFoundError, InvalidAdapterError, InvalidConfigError, UnsafePathError
 from .packed import is_packed, unpack_topk
 from .keys import (
     BANK_KEY,
@@ -257,12 +257,16 @@ def read_adapters(path: Union[str, Path]) -> list[StoredAdapter]:
     return [read_adapter(folder, name=name) for name, folder in find_adapter_folders(path)]
 
 
-def read_adapter(folder: Union[str, Path], *, name: str = "default") -> StoredAdapter:
+def read_adapter(
+    folder: Union[str, Path], *, name: str = "default", config: Optional[VBLoRAConfig] = None
+) -> StoredAdapter:
     """Read one adapter folder: the config, the weights header; tensors stay on disk.
 
     Args:
         folder: The folder holding ``adapter_config.json`` and the weights.
         name: The adapter's name.
+        config: Use this config instead of the folder's ``adapter_config.json``
+            (PEFT's ``from_pretrained(config=...)``); the weights are checked against it.
 
     Returns:
         A validated :class:`StoredAdapter`.
@@ -277,7 +281,13 @@ def read_adapter(folder: Union[str, Path], *, name: str = "default") -> StoredAd
     st_path, bin_path = folder / WEIGHTS_NAME, folder / WEIGHTS_NAME_BIN
     for file in (folder / CONFIG_NAME, st_path, bin_path):
         _check_link(file, folder)
-    config = VBLoRAConfig.from_pretrained(folder)
+    if config is None:
+        config = VBLoRAConfig.from_pretrained(folder)
+    elif not isinstance(config, VBLoRAConfig):
+        raise InvalidConfigError(
+            f"{folder}: config must be a vblora_store VBLoRAConfig, got {type(config).__name__}; "
+            "build one with VBLoRAConfig(...) or VBLoRAConfig.from_dict(peft_config.to_dict())."
+        )
     if st_path.is_file():
         specs, reader, metadata = _open_safetensors(st_path)
         if is_packed(metadata):

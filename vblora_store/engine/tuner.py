@@ -1,0 +1,384 @@
+"""``VBLoRATuner``: the adapters inside a model, PEFT's ``BaseTuner`` role (``peft.tuners.vblora.VBLoRAModel``).
+
+It owns the wrapped model (``self.model``), each adapter's vector bank
+(``vblora_vector_bank``) and flat top-k tensors (``vblora_topk``), the factor
+cache and the batch route; it injects adapters into the targeted layers,
+switches, merges and removes them.  It reads no file: :class:`~vblora_store.engine.model.VBLoRAModel`
+(PEFT's ``PeftModel`` role) does that and calls it, as ``model.base_model``, so
+``model.base_model.model`` is the transformers model, as in PEFT.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from typing import Any, Iterable, Iterator, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from ..config import VBLoRAConfig
+from ..errors import AdapterStateError, TargetingError
+from ..format.keys import BANK_KEY, StorageForm, indices_key, logits_key, weights_key
+from ..format.peft import StoredAdapter
+from .cache import FactorCache
+from .layer import TopKSlice, TopKTensors, VBLoRALinear, check_fits, layer_features
+from .routing import BatchRoute
+from .state import adapter_layers, load_other_tensors, other_parameters
+from .targeting import CLASSIFIER_HEADS, conv1d_class, find_targets
+from .trainable import ModulesToSave
+
+__all__ = ["VBLoRATuner"]
+
+_WRAPPERS = (VBLoRALinear,)
+
+
+class VBLoRATuner(nn.Module):
+    """The VB-LoRA adapters of one model: injection, switching, merging (PEFT's ``BaseTuner``).
+
+    Args:
+        model: The model to adapt (its layers are wrapped in place).
+        max_cached_factors: Most adapters whose dense factors are kept built at once.
+    """
+
+    def __init__(self, model: nn.Module, *, max_cached_factors: Optional[int] = None):
+        super().__init__()
+        self.model = model
+        self.vblora_vector_bank = nn.ParameterDict()
+        self.vblora_topk = nn.ModuleDict()  # TopKTensors of each adapter held in top-k form
+        self.factor_cache = FactorCache(max_cached_factors)
+        self._route = BatchRoute()
+        self.peft_config: dict[str, VBLoRAConfig] = {}
+        self.storage_form: dict[str, StorageForm] = {}
+        self.targeted_module_names: list[str] = []
+        self.active_adapter: Optional[str] = None
+        self._placeholders: set[str] = set()  # adapters allocated on "meta", awaiting load_adapter
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)  # as PEFT's BaseTuner: the wrapped model's attributes
+
+    # -- injecting ---------------------------------------------------------------------
+
+    def inject(
+        self,
+        adapter: str,
+        config: VBLoRAConfig,
+        stored: Optional[StoredAdapter],
+        *,
+        meta: bool = False,
+        device: Optional[Union[str, torch.device]] = None,
+        autocast: bool = True,
+    ) -> None:
+        """Wrap the targeted layers with ``adapter``: fresh (PEFT's init and RNG order) or from ``stored``.
+
+        Every check runs before the model changes; if reading the file fails
+        half-way, what was added is removed again.
+
+        Args:
+            adapter: Its name.
+            config: Its config.
+            stored: The adapter's files, or ``None`` for a fresh adapter.
+            meta: Allocate a fresh adapter on the ``meta`` device.
+            device: Where a stored adapter's tensors go (default: beside each layer).
+            autocast: Load float16/bfloat16 stored tensors as float32 (PEFT's ``autocast_adapter_dtype``).
+
+        Raises:
+            AdapterStateError: the name is taken or not a plain name.
+            TargetingError: the adapter does not fit the model.
+        """
+        if adapter in self.peft_config:
+            raise AdapterStateError(
+                f"an adapter named {adapter!r} exists; delete_adapter() it or pick another name."
+            )
+        if not adapter or "." in adapter:
+            raise AdapterStateError(f"adapter name {adapter!r} is empty or has a '.'; pick a plain name.")
+        config = self._prepared_config(config)
+        plan = self._plan(config, stored)
+        try:
+            self._wrap(
+                adapter, config, stored, plan, meta=meta and stored is None, device=device, autocast=autocast
+            )
+        except BaseException:
+            self.forget(adapter)
+            raise
+        if meta and stored is None:
+            self._placeholders.add(adapter)
+        if self.active_adapter is None:
+            self.active_adapter = adapter
+
+    def _prepared_config(self, config: VBLoRAConfig) -> VBLoRAConfig:
+        """A copy of ``config`` with the task head PEFT adds to ``modules_to_save``."""
+        config = dataclasses.replace(config)
+        heads = CLASSIFIER_HEADS.get(str(config.task_type), [])
+        if heads:
+            config.modules_to_save = list(config.modules_to_save or []) + [
+                h for h in heads if h not in (config.modules_to_save or [])
+            ]
+        return config
+
+    def _fan_in_fan_out(self, config: VBLoRAConfig, base: nn.Module, name: str) -> bool:
+        """PEFT's correction: False for a Linear, True for a Conv1D, warning if the config disagrees."""
+        conv1d = conv1d_class()
+        if conv1d is not None and isinstance(base, conv1d):
+            if not config.fan_in_fan_out:
+                warnings.warn(
+                    f"{name}: fan_in_fan_out is False but the target is Conv1D; setting it to True."
+                )
+                config.fan_in_fan_out = True
+        elif config.fan_in_fan_out:
+            warnings.warn(f"{name}: fan_in_fan_out is True but the target is nn.Linear; setting it to False.")
+            config.fan_in_fan_out = False
+        return config.fan_in_fan_out
+
+    def _plan(
+        self, config: VBLoRAConfig, stored: Optional[StoredAdapter]
+    ) -> list[tuple[str, nn.Module, bool]]:
+        """``(name, base layer, fan_in_fan_out)`` of every target, all checked; the model is not touched."""
+        names = find_targets(
+            self.model, config, modules_to_save=list(config.modules_to_save or []), skip=_WRAPPERS
+        )
+        if stored is not None and set(names) != set(stored.modules):
+            missing = sorted(set(stored.modules) - set(names))[:3]
+            extra = sorted(set(names) - set(stored.modules))[:3]
+            raise TargetingError(
+                f"{stored.folder}: the adapter's modules do not match this model's targets (in the file "
+                f"only: {missing}; targeted but absent from the file: {extra}); load it on the model it "
+                "was trained on."
+            )
+        plan = []
+        for name in names:
+            module = self.model.get_submodule(name)
+            base = module.base_layer if isinstance(module, VBLoRALinear) else module
+            fan = self._fan_in_fan_out(config, base, name)
+            check_fits(name, *layer_features(base, fan), config.vector_length)
+            plan.append((name, base, fan))
+        return plan
+
+    def _wrap(
+        self,
+        adapter: str,
+        config: VBLoRAConfig,
+        stored: Optional[StoredAdapter],
+        plan,
+        *,
+        meta: bool,
+        device: Optional[Union[str, torch.device]],
+        autocast: bool,
+    ) -> None:
+        """Add ``adapter`` to every planned layer, its bank, its ``modules_to_save`` copies."""
+
+        def read(key: str) -> torch.Tensor:  # every value checked, half precision widened when asked
+            value = stored.checked_tensor(key)
+            return value.float() if autocast and value.dtype in (torch.float16, torch.bfloat16) else value
+
+        self.peft_config[adapter] = config
+        self.storage_form[adapter] = StorageForm.FULL if stored is None else stored.form
+        n, length, bound = config.num_vectors, config.vector_length, config.init_vector_bank_bound
+        bank = torch.zeros(n, length, device="meta" if meta else "cpu")
+        topk_indices, topk_weights, start = [], [], 0
+        for name, base, fan in plan:
+            module = self.model.get_submodule(name)
+            if not isinstance(module, VBLoRALinear):
+                module = VBLoRALinear(
+                    base, self.vblora_vector_bank, name=name, fan_in_fan_out=fan,
+                    topk_store=self.vblora_topk, cache=self.factor_cache, route=self._route,
+                )  # fmt: skip
+                self._set_child(name, module)
+            target = base.weight.device if device is None else device
+            if stored is None:
+                if not meta:
+                    bank.uniform_(-bound, bound)  # PEFT redraws the bank per module; the last draw is kept
+                module.add_full(adapter, config, device="meta" if meta else target)
+            elif stored.form.has_logits:
+                module.add_full(adapter, config, *[read(logits_key(name, side)).to(target) for side in "AB"])
+            else:
+                a_idx, a_w, b_idx, b_w = [
+                    read(key(name, s)) for s in "AB" for key in (indices_key, weights_key)
+                ]
+                where = TopKSlice(start, tuple(a_idx.shape[:2]), tuple(b_idx.shape[:2]))
+                for part in (a_idx, b_idx):
+                    topk_indices.append(part.reshape(-1, part.shape[-1]))  # (rows, cols, k) -> (slots, k)
+                for part in (a_w, b_w):
+                    topk_weights.append(part.reshape(-1, part.shape[-1]))  # (rows, cols, k-1) -> (slots, k-1)
+                start = where.b_slots.stop
+                module.add_topk(adapter, config, where)
+            if name not in self.targeted_module_names:
+                self.targeted_module_names.append(name)
+        device = plan[0][1].weight.device if device is None else device
+        if stored is not None:
+            bank = read(BANK_KEY)
+        if topk_indices:
+            self.vblora_topk[adapter] = TopKTensors(
+                torch.cat(topk_indices).to(device), torch.cat(topk_weights).to(device)
+            )
+        self.vblora_vector_bank[adapter] = nn.Parameter(bank if meta else bank.to(device))
+        self._add_modules_to_save(adapter, list(config.modules_to_save or []))
+        if stored is not None:
+            load_other_tensors(self.model, stored, adapter)
+        self._activate(self.active_adapter or adapter)
+
+    def _add_modules_to_save(self, adapter: str, names: list[str]) -> None:
+        # PEFT's rule (``_set_trainable``): a plain suffix match, so "norm" also takes "input_layernorm".
+        for key, module in list(self.model.named_modules()):
+            if not key or not any(key.endswith(n) for n in names):
+                continue
+            if not isinstance(module, ModulesToSave):
+                module = ModulesToSave(module, name=key, route=self._route)
+                self._set_child(key, module)
+            module.add_adapter(adapter)
+
+    def _set_child(self, name: str, module: nn.Module) -> None:
+        """Put ``module`` at ``name`` in the wrapped model."""
+        parent, _, child = name.rpartition(".")
+        setattr(self.model.get_submodule(parent) if parent else self.model, child, module)
+
+    def _replace(self, module: nn.Module, new: nn.Module) -> None:
+        """Put ``new`` where ``module`` is in the wrapped model."""
+        for key, candidate in self.model.named_modules():
+            if candidate is module:
+                self._set_child(key, new)
+                return
+
+    # -- which adapter runs, and what trains ---------------------------------------------
+
+    def wrappers(self) -> Iterator[nn.Module]:
+        """Every adapter layer and ``modules_to_save`` wrapper, in model order."""
+        return (m for m in self.model.modules() if isinstance(m, (VBLoRALinear, ModulesToSave)))
+
+    def layers(self) -> Iterator[VBLoRALinear]:
+        """Every adapter layer, in model order."""
+        return (m for m in self.model.modules() if isinstance(m, VBLoRALinear))
+
+    def _activate(self, adapter: Optional[str]) -> None:
+        for module in self.wrappers():
+            module.active_adapter = adapter
+        self.active_adapter = adapter
+
+    def check_known(self, adapters: Union[str, Iterable[str]]) -> list[str]:
+        """The names as a list; :class:`AdapterStateError` naming the first unknown one."""
+        names = [adapters] if isinstance(adapters, str) else list(adapters)
+        for adapter in names:
+            if adapter not in self.peft_config:
+                raise AdapterStateError(
+                    f"no adapter named {adapter!r}; this model has {sorted(self.peft_config)}."
+                )
+        return names
+
+    def set_trainable(self, adapter: str, trainable: bool) -> None:
+        """PEFT's trainability: the base frozen; the adapter's bank, logits and copies as asked."""
+        trainable = trainable and self.storage_form[adapter].has_logits
+        if len(self.peft_config) == 1:
+            self.model.requires_grad_(False)
+        self.set_requires_grad(adapter, trainable)
+
+    def set_requires_grad(self, adapter_names: Union[str, Sequence[str]], requires_grad: bool = True) -> None:
+        """Turn gradients on or off for the given adapters' tensors (PEFT's ``set_requires_grad``).
+
+        Raises:
+            AdapterStateError: an unknown adapter, or gradients asked of a top-k adapter (no logits).
+        """
+        for adapter in self.check_known(adapter_names):
+            if requires_grad and not self.storage_form[adapter].has_logits:
+                raise AdapterStateError(
+                    f"adapter {adapter!r} is held in {self.storage_form[adapter].value} form, which has no logits "
+                    "to train; load its full-form adapter to train it."
+                )
+            self.vblora_vector_bank[adapter].requires_grad_(requires_grad)
+            for _, layer in adapter_layers(self.model, adapter):
+                for holder in (layer.vblora_logits_A, layer.vblora_logits_B):
+                    if adapter in holder:
+                        holder[adapter].requires_grad_(requires_grad)
+            for module in self.wrappers():
+                if isinstance(module, ModulesToSave) and adapter in module.modules_to_save:
+                    module.modules_to_save[adapter].requires_grad_(requires_grad)
+            if requires_grad:  # and the biases its bias mode trains: exactly what saving it writes
+                for param in other_parameters(self.model, adapter, self.peft_config[adapter]).values():
+                    param.requires_grad_(True)
+
+    def set_adapter(self, adapter_name: str, inference_mode: bool = False) -> None:
+        """Make ``adapter_name`` the active adapter; like PEFT it becomes trainable unless ``inference_mode``."""
+        self.check_known(adapter_name)
+        if any(layer.merged for layer in self.layers()):
+            warnings.warn("set_adapter on a merged model: unmerging first.")
+            self.unmerge_adapter()
+        for name in self.peft_config:
+            self.set_trainable(name, name == adapter_name and not inference_mode)
+        self._activate(adapter_name)
+
+    def forget(self, adapter: str) -> None:
+        """Remove whatever part of ``adapter`` exists; unwrap what holds no adapter any more."""
+        for module in list(self.wrappers()):
+            module.delete_adapter(adapter)
+            if isinstance(module, VBLoRALinear) and not module.adapters:
+                self._replace(module, module.base_layer)
+                self.factor_cache.unregister(module)
+            elif isinstance(module, ModulesToSave) and not len(module.modules_to_save):
+                self._replace(module, module.original_module)
+        for holder in (self.vblora_vector_bank, self.vblora_topk):
+            if adapter in holder:
+                del holder[adapter]
+        self.factor_cache.release(adapter)
+        self.peft_config.pop(adapter, None)
+        self.storage_form.pop(adapter, None)
+        self._placeholders.discard(adapter)
+        held = {n for n, m in self.model.named_modules() if isinstance(m, VBLoRALinear)}
+        self.targeted_module_names = [n for n in self.targeted_module_names if n in held]
+        if self.active_adapter == adapter:
+            self._activate(next(iter(self.peft_config), None))
+
+    def set_adapter_layers(self, enabled: bool) -> None:
+        """Switch every adapter layer and wrapper on or off (a merged adapter is unmerged when off)."""
+        for module in self.wrappers():
+            module.disable_adapters = not enabled
+
+    # -- merging and unloading -------------------------------------------------------------
+
+    def merge_adapter(
+        self, adapter_names: Optional[Sequence[str]] = None, *, safe_merge: bool = False
+    ) -> None:
+        """Add ``ΔW`` of ``adapter_names`` (default: the active adapter) to the base weights."""
+        if adapter_names is None:
+            if self.active_adapter is None:
+                raise AdapterStateError("no active adapter to merge; set_adapter() one first.")
+            adapter_names = [self.active_adapter]
+        for adapter in self.check_known(adapter_names):
+            for layer in self.layers():
+                if adapter in layer.r:
+                    layer.merge(adapter, safe_merge=safe_merge)
+
+    def unmerge_adapter(self) -> None:
+        """Subtract every merged adapter from the base weights."""
+        for layer in self.layers():
+            layer.unmerge()
+
+    def unload(
+        self,
+        *,
+        merge: bool,
+        safe_merge: bool = False,
+        adapter_names: Optional[Sequence[str]] = None,
+        progressbar: bool = False,
+    ) -> nn.Module:
+        """Remove every wrapper (merging first if asked) and return the wrapped model itself."""
+        if merge:
+            self.merge_adapter(adapter_names, safe_merge=safe_merge)
+        modules = list(self.wrappers())
+        if progressbar:
+            from tqdm.auto import tqdm  # transformers' dependency, as in PEFT
+
+            modules = tqdm(modules, desc="Unloading " + ("and merging " if merge else "") + "model")
+        for module in modules:
+            if isinstance(module, VBLoRALinear):
+                self._replace(module, module.base_layer)
+                self.factor_cache.unregister(module)
+            elif isinstance(module, ModulesToSave):
+                self._replace(module, module.active_module)
+        return self.model
