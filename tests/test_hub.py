@@ -327,3 +327,23 @@ def test_a_fresh_process_is_configured_by_the_environment_alone(hub):
     assert result.returncode == 0, result.stderr
     assert "acme/tiny".replace("/", "--") in result.stdout  # the cache folder under HF_HOME
     assert TOKEN not in result.stdout + result.stderr
+
+
+def test_model_push_to_hub_uploads_the_adapter_not_the_base_model(hub, tmp_path):
+    """``VBLoRAModel.push_to_hub`` goes through the Hub layer: adapter files and a card, never base weights."""
+    import torch
+    from conftest_engine import inputs, logits, tiny_llama, twins
+
+    from vblora_store.engine import VBLoRAModel
+
+    _, model = twins(tiny_llama(), target_modules=["q_proj", "v_proj"])
+    url = model.push_to_hub("acme/engine", to="topk", commit_message="from the engine")
+    assert url.startswith(f"{hub.url}/acme/engine/commit/")
+    assert set(hub.files("acme/engine")) == {".gitattributes", "README.md", *ADAPTER_FILES}
+    commit = next(r for r in hub.requests if "/commit/" in r.path)
+    assert json.loads(commit.body.splitlines()[0])["value"]["summary"] == "from the engine"
+    assert json.loads(hub.files("acme/engine")["adapter_config.json"])["save_only_topk_weights"] is True
+    again = VBLoRAModel.from_pretrained(tiny_llama(), "acme/engine")
+    assert torch.allclose(logits(again, inputs()), logits(model.eval(), inputs()), atol=1e-5)
+    with pytest.raises(TypeError, match="unsupported argument"):
+        model.push_to_hub("acme/engine", safe_merge=True)

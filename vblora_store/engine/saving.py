@@ -140,15 +140,15 @@ def write_model_card(folder: Union[str, Path], model: nn.Module, config: VBLoRAC
     if type(model).__module__.startswith("transformers."):
         tags.add("transformers")
     name = getattr(model, "name_or_path", None)
-    if name:
+    if name is not None:  # PEFT's rule, an empty name (a model built from a config) included
         tags.add(f"base_model:adapter:{name}")
     if tags:
         card.data["tags"] = sorted(tags)
     if not card.data.pipeline_tag and config.task_type == "CAUSAL_LM":
         card.data.pipeline_tag = "text-generation"
     model_config = getattr(model, "config", None)
-    base = getattr(model_config, "_name_or_path", None) if model_config is not None else None
-    if base:
+    base = getattr(model_config, "name_or_path", None) if model_config is not None else None
+    if base is not None:
         card.data["base_model"] = base
     lines = card.text.splitlines()
     version_line = f"- PEFT {_peft_version()} format, written by vblora_store"
