@@ -401,6 +401,10 @@ class VBLoRALinear(nn.Module):
     def _check_stacks(self) -> None:
         """Forget every slot if the stacks were moved or cast from outside (``model.to(...)``)."""
         if self.factor_a.data_ptr() != self._stack_ptr:
+            if self.factor_a.is_inference():  # moved or cast under torch.inference_mode(): writable again
+                with torch.inference_mode(False):
+                    self.factor_a, self.factor_bt = self.factor_a.clone(), self.factor_bt.clone()
+                    self.factor_ranks = self.factor_ranks.clone()
             self._stack_ptr = self.factor_a.data_ptr()
             self._slot_keys = [None] * self.factor_a.shape[0]
             self._slot_ranks = [int(r) for r in self.factor_ranks.tolist()]
