@@ -378,3 +378,16 @@ def test_dropout_applies_per_row_in_training_mode_without_gradients(tmp_path):
     noisy = run(model, ids, adapter_names=["keep", "drop"])
     assert torch.allclose(noisy[0], expected[0], atol=ATOL)  # p = 0: unchanged
     assert not torch.allclose(noisy[1], expected[1], atol=1e-3)  # p = 0.9: dropped
+
+
+def test_a_model_cast_under_inference_mode_still_builds_factors(llama_adapters):
+    """Casting under ``torch.inference_mode()`` makes inference tensors of the stacks: they must stay writable."""
+    base, folders = llama_adapters
+    model = engine_of(base, folders, names=("a", "b"))
+    ids = inputs(batch=2, length=4)
+    with torch.inference_mode():
+        before = model(input_ids=ids.to(DEVICE), adapter_names=["a", "b"]).logits
+        model.double()
+        after = model(input_ids=ids.to(DEVICE), adapter_names=["b", "a"]).logits
+    assert after.dtype == torch.float64
+    assert torch.allclose(after.flip(0).float(), before, atol=1e-5)
