@@ -116,7 +116,8 @@ def build_models(base: torch.nn.Module, args: argparse.Namespace, folder: Path) 
         after = torch.cuda.memory_allocated() if before is not None else None
         models[name] = {
             "model": model,
-            "added_bytes": _tensor_bytes(model) - base_bytes + _cached_factor_bytes(model),
+            "added_bytes": _tensor_bytes(model)
+            - base_bytes,  # the engine's factor stacks are buffers: counted
             "added_device_bytes": None if before is None else after - before,
         }
     return models
@@ -125,17 +126,6 @@ def build_models(base: torch.nn.Module, args: argparse.Namespace, folder: Path) 
 def _tensor_bytes(model: torch.nn.Module) -> int:
     tensors = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
     return sum(t.numel() * t.element_size() for t in tensors.values())
-
-
-def _cached_factor_bytes(model: torch.nn.Module) -> int:
-    from vblora_store.engine import VBLoRALinear
-
-    return sum(
-        a.numel() * a.element_size() + b.numel() * b.element_size()
-        for m in model.modules()
-        if isinstance(m, VBLoRALinear)
-        for _, a, b in m._cache.values()
-    )
 
 
 def _sync(device: str) -> None:

@@ -434,7 +434,7 @@ def main() -> None:
         lora = None if args.no_peft else peft_lora_with(base, args.adapters, args.r)
         if not args.no_decode:
             results["decode"] = decode(args, base, engine, lora, timer)
-            stacks = sum(layer.factor_bytes for layer in engine.factor_cache.layers)
+            stacks = sum(layer.factor_slots.nbytes for layer in engine.factor_cache.layers)
             results["factor_stack_bytes"] = stacks
             results["factor_slots"] = engine.factor_cache.num_slots
             print(

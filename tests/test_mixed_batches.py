@@ -281,9 +281,9 @@ def test_resident_adapters_hold_their_top_k_tensors_only(llama_adapters):
     resident = model.vblora_vector_bank["a"].nbytes + sum(t.nbytes for t in model.vblora_topk["a"].buffers())
     assert resident == stored
     assert len(list(model.vblora_topk["a"].buffers())) == 2
-    assert all(layer.factor_a.shape[0] <= 1 for layer in model.factor_cache.layers)
+    assert all(layer.factor_slots.a.shape[0] <= 1 for layer in model.factor_cache.layers)
     run(model, inputs(batch=1, length=3))
-    assert all(layer.factor_a.shape[0] >= 2 for layer in model.factor_cache.layers)
+    assert all(layer.factor_slots.a.shape[0] >= 2 for layer in model.factor_cache.layers)
 
 
 def test_compiled_calls_have_no_graph_break_in_the_adapter_layers(llama_adapters):

@@ -6,7 +6,8 @@ and cached.  See ``docs/engine.md``.
 """
 
 from .cache import FactorCache
-from .layer import TopKTensors, VBLoRALinear
+from .layer import VBLoRALinear
+from .topk_store import TopKTensors
 from .model import VBLoRAModel
 from .targeting import find_targets
 from .trainable import ModulesToSave

@@ -89,7 +89,7 @@ class FactorCache:
         """Start serving ``layer``: its stacks get as many slots as the cache uses."""
         if all(existing is not layer for existing in self.layers):
             self.layers.append(layer)
-            layer.ensure_slots(self._next_slot)
+            layer.factor_slots.ensure(self._next_slot)
 
     def unregister(self, layer) -> None:
         """Stop serving ``layer`` (it was unwrapped)."""
@@ -121,12 +121,12 @@ class FactorCache:
             slot = self._next_slot
             self._next_slot += 1
             for layer in self.layers:
-                layer.ensure_slots(self._next_slot)
+                layer.factor_slots.ensure(self._next_slot)
         else:
             slot = self._evict(keep=set(keep) | {adapter})
             self._free.remove(slot)
         for layer in self.layers:
-            layer.clear_slot(slot)
+            layer.factor_slots.clear(slot)
         self._slots[adapter] = slot
         return slot
 

@@ -11,8 +11,8 @@ Each adapter of a layer is held in one of two forms:
 
 Either way the dense factors A ``(r, in)`` and B ``(out, r)`` come from
 :func:`vblora_store.topk.lora_factors`.  Outside training they are built once
-into the adapter's slot of this layer's factor stacks (``factor_a`` ``(slots,
-R, in)``, ``factor_bt`` ``(slots, R, out)``; :mod:`.cache` says which adapter
+into the adapter's slot of this layer's factor stacks (``factor_slots``,
+:mod:`.slots`: ``a`` ``(slots, R, in)``, ``bt`` ``(slots, R, out)``; :mod:`.cache` says which adapter
 has which slot) and reused; the slot remembers the version counters of every
 source tensor, so an optimizer step, a ``load_state_dict`` or any in-place edit
 rebuilds it on the next call, as does moving or casting the model.  An
@@ -22,7 +22,6 @@ batch costs one :func:`~vblora_store.engine.batched.add_lora`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -31,12 +30,14 @@ from torch import nn
 
 from ..config import VBLoRAConfig
 from ..errors import AdapterStateError, TargetingError
-from ..topk import complete_weights, compose, delta_weight, lora_factors, mix_weights
+from ..topk import delta_weight, lora_factors, mix_weights
 from .batched import add_lora
 from .cache import FactorCache
 from .routing import BatchRoute
+from .slots import FactorSlots
+from .topk_store import TopKSlice, TopKTensors
 
-__all__ = ["VBLoRALinear", "TopKTensors", "TopKSlice", "layer_features", "check_fits"]
+__all__ = ["VBLoRALinear", "layer_features", "check_fits"]
 
 
 def layer_features(base_layer: nn.Module, fan_in_fan_out: bool) -> tuple[int, int]:
@@ -57,48 +58,6 @@ def check_fits(module: str, in_features: int, out_features: int, vector_length: 
                 "pick a vector_length dividing every targeted layer's sizes, or exclude this module "
                 "(exclude_modules)."
             )
-
-
-class TopKTensors(nn.Module):
-    """One adapter's top-k form for all its modules, as two flat buffers.
-
-    Sub-vector slots are laid out module by module, side A ``(r, in/L)`` then
-    side B ``(out/L, r)``, each row-major: the packed form's order.
-
-    Args:
-        indices: ``(S, k)`` bank rows of every slot, in PEFT's index dtype.
-        weights: ``(S, k - 1)`` their first k-1 softmax weights.
-    """
-
-    def __init__(self, indices: torch.Tensor, weights: torch.Tensor):
-        super().__init__()
-        self.register_buffer("indices", indices)
-        self.register_buffer("weights", weights)
-
-    def subvectors(self, bank: torch.Tensor, start: int = 0, stop: Optional[int] = None) -> torch.Tensor:
-        """``(stop - start, L)`` sub-vectors of slots ``start:stop``, composed in at least float32."""
-        compute = torch.promote_types(bank.dtype, torch.float32)
-        indices = self.indices[start:stop]  # (n, k)
-        weights = complete_weights(self.weights[start:stop].to(compute))  # (n, k-1) -> (n, k)
-        return compose(indices, weights, bank.to(device=indices.device, dtype=compute))
-
-
-@dataclass(frozen=True)
-class TopKSlice:
-    """Where one module's slots lie in its adapter's :class:`TopKTensors`."""
-
-    start: int  # first slot of side A; side B follows it
-    a_shape: tuple[int, int]  # (r, in/L)
-    b_shape: tuple[int, int]  # (out/L, r)
-
-    @property
-    def a_slots(self) -> slice:
-        return slice(self.start, self.start + self.a_shape[0] * self.a_shape[1])
-
-    @property
-    def b_slots(self) -> slice:
-        stop_a = self.a_slots.stop
-        return slice(stop_a, stop_a + self.b_shape[0] * self.b_shape[1])
 
 
 def _cache_key(tensors: tuple[torch.Tensor, ...]) -> tuple:
@@ -166,15 +125,7 @@ class VBLoRALinear(nn.Module):
         self.active_adapter: Optional[str] = None
         self.merged_adapters: list[str] = []
         self.disable_adapters = False
-        self._slot_keys: list[Optional[tuple]] = []
-        self._slot_ranks: list[int] = []
-        self._stack_ptr = -1
-        weight = base_layer.weight
-        dtype = weight.dtype if weight.dtype.is_floating_point else torch.get_default_dtype()
-        with torch.inference_mode(False):
-            self.register_buffer("factor_a", weight.new_zeros((0, 1, self.in_features), dtype=dtype), False)
-            self.register_buffer("factor_bt", weight.new_zeros((0, 1, self.out_features), dtype=dtype), False)
-            self.register_buffer("factor_ranks", weight.new_zeros((0,), dtype=torch.int32), False)
+        self.factor_slots = FactorSlots(self.in_features, self.out_features, like=base_layer.weight)
         self._cache.register(self)
 
     # -- what PEFT's tuner layers expose ---------------------------------------------
@@ -268,7 +219,7 @@ class VBLoRALinear(nn.Module):
         self.topk.pop(adapter, None)
         slot = self._cache.slot_of(adapter)
         if slot is not None:
-            self.clear_slot(slot)
+            self.factor_slots.clear(slot)
         if self.active_adapter == adapter:
             self.active_adapter = next(iter(self.r), None)
 
@@ -339,86 +290,27 @@ class VBLoRALinear(nn.Module):
         """Views of A ``(r, in)`` and B transposed ``(r, out)`` in ``adapter``'s slot, built if stale."""
         slot = self._cache.assign(adapter, keep=(adapter,))
         self.refresh_slot(adapter, slot)
-        r = self.r[adapter]
-        return self.factor_a[slot, :r], self.factor_bt[slot, :r]
+        return self.factor_slots.views(slot, self.r[adapter])
 
     def refresh_slot(self, adapter: str, slot: int) -> None:
         """Build ``adapter``'s factors into ``slot`` unless the slot already holds them, current."""
-        self._check_stacks()
+        self.check_slots()
         key = (adapter, self.source_key(adapter))
-        if self._slot_keys[slot] == key:
+        if self.factor_slots.key(slot) == key:
             return
         with torch.inference_mode(False), torch.no_grad():
             a, b = self._build_factors(adapter)
-            self.store_slot(slot, adapter, a, b.T, key)
+            self.factor_slots.store(slot, a, b.T, key)
 
-    def store_slot(self, slot: int, adapter: str, a: torch.Tensor, bt: torch.Tensor, key: tuple) -> None:
-        """Write A ``(r, in)`` and B transposed ``(r, out)`` into ``slot``, zero-padding the rank."""
-        self._check_stacks()
-        r = a.shape[0]
-        with torch.inference_mode(False), torch.no_grad():
-            if r > self.factor_a.shape[1]:
-                self._resize(self.factor_a.shape[0], r)
-            self.factor_a[slot].zero_()
-            self.factor_bt[slot].zero_()
-            self.factor_a[slot, :r] = a  # cast to the stack's dtype and device
-            self.factor_bt[slot, :r] = bt
-            self.factor_ranks[slot] = r
-        self._slot_ranks[slot] = r
-        self._slot_keys[slot] = key
-
-    def clear_slot(self, slot: int) -> None:
-        """Zero ``slot`` (its adapter was evicted or deleted, or it is given to another)."""
-        self._check_stacks()
-        if slot < len(self._slot_keys) and (self._slot_ranks[slot] or self._slot_keys[slot] is not None):
-            with torch.inference_mode(False), torch.no_grad():
-                self.factor_a[slot].zero_()
-                self.factor_bt[slot].zero_()
-                self.factor_ranks[slot] = 0
-            self._slot_ranks[slot] = 0
-            self._slot_keys[slot] = None
-
-    def ensure_slots(self, count: int) -> None:
-        """Make the stacks hold at least ``count`` slots (doubling, so growth is amortised)."""
-        self._check_stacks()
-        if count > self.factor_a.shape[0]:
-            self._resize(max(count, 2 * self.factor_a.shape[0]), self.factor_a.shape[1])
-
-    def _resize(self, slots: int, rank: int) -> None:
-        """Reallocate the stacks to ``(slots, rank, ...)``, keeping what they hold."""
-        old_a, old_bt, old_ranks = self.factor_a, self.factor_bt, self.factor_ranks
-        with torch.inference_mode(False), torch.no_grad():
-            new_a = old_a.new_zeros((slots, rank, self.in_features))
-            new_bt = old_bt.new_zeros((slots, rank, self.out_features))
-            new_ranks = old_ranks.new_zeros((slots,))
-            n, r = old_a.shape[0], min(rank, old_a.shape[1])
-            new_a[:n, :r], new_bt[:n, :r], new_ranks[:n] = old_a[:, :r], old_bt[:, :r], old_ranks
-        self.factor_a, self.factor_bt, self.factor_ranks = new_a, new_bt, new_ranks
-        self._slot_keys += [None] * (slots - len(self._slot_keys))
-        self._slot_ranks += [0] * (slots - len(self._slot_ranks))
-        self._stack_ptr = new_a.data_ptr()
-
-    def _check_stacks(self) -> None:
-        """Forget every slot if the stacks were moved or cast from outside (``model.to(...)``)."""
-        if self.factor_a.data_ptr() != self._stack_ptr:
-            if self.factor_a.is_inference():  # moved or cast under torch.inference_mode(): writable again
-                with torch.inference_mode(False):
-                    self.factor_a, self.factor_bt = self.factor_a.clone(), self.factor_bt.clone()
-                    self.factor_ranks = self.factor_ranks.clone()
-            self._stack_ptr = self.factor_a.data_ptr()
-            self._slot_keys = [None] * self.factor_a.shape[0]
-            self._slot_ranks = [int(r) for r in self.factor_ranks.tolist()]
+    def check_slots(self) -> None:
+        """Forget every built slot if the stacks were moved or cast from outside (``model.to(...)``)."""
+        if self.factor_slots.check():
             self._cache.forget_built()
 
     def clear_cache(self) -> None:
         """Forget this layer's built factors (they rebuild on the next forward)."""
-        self._slot_keys = [None] * len(self._slot_keys)
+        self.factor_slots.forget()
         self._cache.forget_built()
-
-    @property
-    def factor_bytes(self) -> int:
-        """Bytes the factor stacks take."""
-        return sum(t.numel() * t.element_size() for t in (self.factor_a, self.factor_bt, self.factor_ranks))
 
     def delta_weight(self, adapter: str) -> torch.Tensor:
         """``ΔW = B @ A`` in the base weight's layout, composed in float32 (or wider).
@@ -500,14 +392,15 @@ class VBLoRALinear(nn.Module):
     def _routed(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """Each row through the adapter the route gives it (its slot; slot 0 adds nothing)."""
         route = self._route
-        slots = route.slots_for(x.shape[0], self.factor_a.device, self.module_name)
+        stacks = self.factor_slots
+        slots = route.slots_for(x.shape[0], stacks.a.device, self.module_name)
         keep = route.keep_for(x.shape[0], self.module_name) if self.training else None
         if keep is not None:  # each row's own adapter's dropout
             keep = keep.to(x.device, x.dtype).reshape(
                 (-1,) + (1,) * (x.dim() - 1)
             )  # (rows,) -> (rows, 1, ...)
             x = x * torch.bernoulli(keep.expand_as(x)) / keep
-        return add_lora(x, result, self.factor_a, self.factor_bt, self.factor_ranks, slots)
+        return add_lora(x, result, stacks.a, stacks.bt, stacks.ranks, slots)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, adapters={self.adapters}"

@@ -101,7 +101,7 @@ def prepare_factors(model, adapter: str, *, keep: Sequence[str] = ()) -> int:
                 a, b = layer.factors_from_subvectors(
                     adapter, subvectors[where.a_slots], subvectors[where.b_slots]
                 )
-                layer.store_slot(slot, adapter, a, b.T, (adapter, layer.source_key(adapter)))
+                layer.factor_slots.store(slot, a, b.T, (adapter, layer.source_key(adapter)))
     else:
         for layer in layers:
             layer.refresh_slot(adapter, slot)
@@ -168,11 +168,11 @@ def open_route(
             f"{capacity}; raise max_cached_factors or split the batch."
         )
     for layer in model.factor_cache.layers:
-        layer._check_stacks()
+        layer.check_slots()
     slot_of = {BASE_ADAPTER: 0}
     for name in distinct:
         slot_of[name] = prepare_factors(model, name, keep=distinct)
-    device = model.factor_cache.layers[0].factor_a.device if model.factor_cache.layers else None
+    device = model.factor_cache.layers[0].factor_slots.a.device if model.factor_cache.layers else None
     if device is not None and device.type == "cuda":
         load_kernels()  # before the (compiled) layers need them
     slots = torch.tensor([slot_of[name] for name in names], dtype=torch.int64, device=device)

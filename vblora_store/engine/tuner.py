@@ -22,7 +22,8 @@ from ..errors import AdapterStateError, TargetingError
 from ..format.keys import BANK_KEY, StorageForm, indices_key, logits_key, weights_key
 from ..format.peft import StoredAdapter
 from .cache import FactorCache
-from .layer import TopKSlice, TopKTensors, VBLoRALinear, check_fits, layer_features
+from .layer import VBLoRALinear, check_fits, layer_features
+from .topk_store import TopKSlice, TopKTensors
 from .routing import BatchRoute
 from .state import adapter_layers, load_other_tensors, other_parameters
 from .targeting import CLASSIFIER_HEADS, conv1d_class, find_targets
