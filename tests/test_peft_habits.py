@@ -76,3 +76,27 @@ def test_damaged_logits_are_still_refused(minus_inf_adapter, tmp_path, damage, m
     assert snapshot(folder) == before and not (tmp_path / "out").exists()
     with pytest.raises(InvalidAdapterError, match=message):
         read_adapter(folder).check_values()
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_written_folders_and_files_get_the_umask_s_modes(tmp_path, umask, single_copy):
+    import os
+    import stat
+
+    previous = os.umask(umask)
+    try:
+        outputs = {
+            "convert": lambda dst: convert(single_copy, dst, to="packed"),
+            "export-lora": lambda dst: export_lora(single_copy, dst),
+        }
+        for name, write in outputs.items():
+            dst = tmp_path / name
+            write(dst)
+            for path in [dst, *dst.rglob("*")]:
+                mode = stat.S_IMODE(path.stat().st_mode)
+                assert mode == (0o777 if path.is_dir() else 0o666) & ~umask, (name, path.name, oct(mode))
+        plot = tmp_path / "usage.png"
+        assert run_cli("report", single_copy, "--plot", plot).exit_code == 0
+        assert stat.S_IMODE(plot.stat().st_mode) == 0o666 & ~umask
+    finally:
+        os.umask(previous)

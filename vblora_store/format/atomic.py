@@ -2,7 +2,9 @@
 
 The temporary folder sits beside the destination (same file system, so the
 final rename is atomic) and is named ``.vblora-store-tmp-<name>-<pid>-<random>``,
-so a crash's leftovers are recognisable and say which process made them.  On
+so a crash's leftovers are recognisable and say which process made them.
+Before the rename its folders and files get the modes the umask gives a plain
+``mkdir`` or ``open`` (0755 and 0644 under umask 022).  On
 any error it is removed and the destination is left as it was.  A process
 killed outright (``kill -9``, power loss) cannot clean up: the next write to
 the same destination removes the temporary siblings whose process is gone
@@ -107,6 +109,7 @@ def atomic_folder(dst: Union[str, Path], *, force: bool = False) -> Iterator[Pat
     work = Path(tempfile.mkdtemp(prefix=_temp_prefix(dst), dir=dst.parent))
     try:
         yield work
+        _default_modes(work)
         _fsync_tree(work)
         if dst.exists() or dst.is_symlink():
             check_destination(dst, force=force)
@@ -135,9 +138,7 @@ def atomic_file(dst: Union[str, Path]) -> Iterator[Path]:
     fd, name = tempfile.mkstemp(prefix=_temp_prefix(dst), dir=dst.parent)
     os.close(fd)
     work = Path(name)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(work, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
+    os.chmod(work, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
     try:
         yield work
         with open(work, "rb") as f:
@@ -145,6 +146,28 @@ def atomic_file(dst: Union[str, Path]) -> Iterator[Path]:
         os.replace(work, dst)
     finally:
         work.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    """The process's umask (read by setting it, then setting it back)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _default_modes(folder: Path) -> None:
+    """Give ``folder`` and everything in it the modes a plain ``mkdir`` or ``open`` gets under the umask.
+
+    ``mkdtemp`` makes 0700 folders and safetensors writes 0600 files, so a
+    converted adapter would be unreadable by a serving account or a container
+    with another uid; PEFT's own saves are 0755/0644 under umask 022.
+    """
+    mask = _umask()
+    os.chmod(folder, 0o777 & ~mask)
+    for path in folder.rglob("*"):
+        if path.is_symlink():
+            continue
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def _temp_prefix(dst: Path) -> str:
