@@ -100,3 +100,149 @@ def test_written_folders_and_files_get_the_umask_s_modes(tmp_path, umask, single
         assert stat.S_IMODE(plot.stat().st_mode) == 0o666 & ~umask
     finally:
         os.umask(previous)
+
+
+# -- the operating system's refusals: one plain line, exit 2, nothing left behind -------------------
+
+
+def _one_line_error(result, *fragments):
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    assert "unexpected" not in lines[0] and ".vblora-store-tmp-" not in lines[0]
+    return lines[0]
+
+
+def test_a_destination_under_a_file_is_one_plain_line(tmp_path, single_copy):
+    from conftest import run_module
+
+    (tmp_path / "afile").write_text("x")
+    result = run_module("convert", single_copy, tmp_path / "afile" / "out")
+    _one_line_error(result, f"cannot write {tmp_path / 'afile' / 'out'}", "a part of the path is a file")
+
+
+def test_a_full_disk_is_one_plain_line(tmp_path, single_copy):
+    import subprocess
+
+    from conftest import leftovers, run_module
+
+    small = tmp_path / "small"
+    small.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(small)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root); the mapping is also tested without it")
+    try:
+        result = run_module("convert", single_copy, small / "out", "--to", "full")
+        _one_line_error(result, f"cannot write {small / 'out'}", "no space left on device", "free space")
+        assert leftovers(small) == [] and not (small / "out").exists()
+    finally:
+        subprocess.run(["umount", str(small)], check=False)
+
+
+def test_a_failing_write_is_mapped_whatever_raises_it(tmp_path, single_copy, monkeypatch):
+    """safetensors reports a full disk as its own error with "(os error 28)"; a plain OSError maps too."""
+    import errno
+
+    from safetensors import SafetensorError
+
+    from vblora_store.errors import WriteError
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr("vblora_store.format.conversion.save_file", full)
+    with pytest.raises(WriteError, match="no space left on device"):
+        convert(single_copy, tmp_path / "out")
+
+    def denied(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr("vblora_store.format.conversion.save_file", denied)
+    result = run_cli("convert", single_copy, tmp_path / "out")
+    assert (
+        result.exit_code == 2 and "permission denied; choose a destination you may write to" in result.stderr
+    )
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".vblora-store-tmp-*"))
+
+
+def test_plot_into_proc_and_stdout_on_dev_full_are_plain_lines(single_copy):
+    import subprocess
+    import sys
+
+    from conftest import run_module
+
+    _one_line_error(
+        run_module("report", single_copy, "--plot", "/proc/usage.png"), "cannot write /proc/usage.png"
+    )
+    with open("/dev/full", "w") as full:
+        result = subprocess.run(
+            [sys.executable, "-m", "vblora_store", "inspect", str(single_copy)],
+            stdout=full, stderr=subprocess.PIPE, text=True, timeout=120,
+        )  # fmt: skip
+    _one_line_error(result, "cannot write standard output", "no space left on device")
+
+
+# -- usage --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["convert", "a", "b", "--to", "zip"], "'zip' is not one of 'full', 'topk', 'packed'; see"),
+        (["convert", "a", "b", "--recursive", "--jobs", "0"], "invalid value for '--jobs'"),
+        (["nope"], "no such command 'nope'"),
+        (["verify", "a", "b", "--tol", "nan"], "'nan' is not a number >= 0"),
+        (["report", "a", "--min-compression", "nan"], "'nan' is not a number >= 0"),
+        (["inspect"], "missing argument 'PATH'"),
+    ],
+    ids=["choice", "range", "command", "tol-nan", "min-compression-nan", "missing"],
+)
+def test_usage_errors_are_one_line_and_exit_2(args, fragment):
+    from conftest import run_module
+
+    _one_line_error(run_module(*args), fragment, "--help")
+
+
+def test_verify_tol_inf_never_fails(single_copy, tmp_path):
+    convert(single_copy, tmp_path / "packed", to="packed", bank_dtype="int8")
+    assert run_cli("verify", single_copy, tmp_path / "packed", "--tol", "inf").exit_code == 0
+    assert run_cli("verify", single_copy, tmp_path / "packed", "--tol", "0").exit_code == 1
+
+
+def test_help_version_and_usage_errors_do_not_import_torch():
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, runpy\n"
+        "sys.argv = ['vblora-store'] + sys.argv[1:]\n"
+        "try:\n    runpy.run_module('vblora_store', run_name='__main__')\n"
+        "except SystemExit:\n    pass\n"
+        "print('torch' in sys.modules, 'safetensors' in sys.modules, 'huggingface_hub' in sys.modules, file=sys.stderr)\n"
+    )
+    for args in (
+        ["--help"],
+        ["--version"],
+        ["convert", "--help"],
+        ["convert", "a", "b", "--to", "zip"],
+        ["nope"],
+    ):
+        result = subprocess.run(
+            [sys.executable, "-c", probe, *args], capture_output=True, text=True, timeout=120
+        )
+        assert result.stderr.strip().splitlines()[-1] == "False False False", (args, result.stderr)
+
+
+def test_markdown_report_of_several_folders_names_each_folder(single_copy, multi_copy):
+    result = run_cli("report", single_copy, multi_copy, "--format", "markdown")
+    assert result.exit_code == 0
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| `")]
+    assert f"| `{single_copy}` `default` |" in rows[0] and f"| `{multi_copy}` `default` |" in rows[1]
+    single = run_cli(
+        "report", single_copy, "--format", "markdown"
+    ).stdout  # one folder: no path (model cards)
+    assert str(single_copy) not in single

@@ -1,29 +1,39 @@
-"""vblora_store: store, compress, reconstruct and publish VB-LoRA adapters."""
+"""vblora_store: store, compress, reconstruct and publish VB-LoRA adapters.
 
-from .accounting import AdapterAccount, account
-from .config import VBLoRAConfig
-from .engine import VBLoRAModel
-from .errors import (
-    AdapterNotFoundError,
-    AdapterStateError,
-    DestinationExistsError,
-    InvalidAdapterError,
-    InvalidConfigError,
-    TargetingError,
-    UnsupportedConversionError,
-    VBLoRAStoreError,
-)
-from .export import export_lora
-from .format import StorageForm, StoredAdapter, convert, index_dtype, read_adapter, read_adapters
-from .hub import push, resolve_source
-from .merge import merge
-from .report import Report, ReportFormat, build_report
-from .verify import verify_adapters
+The names below are imported on first use (PEP 562), so ``import vblora_store``
+and the command line's ``--help`` cost no torch; ``from vblora_store import
+convert`` works as usual.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+#: Where each public name lives.
+_HOMES = {
+    "AdapterAccount": "accounting", "account": "accounting",
+    "VBLoRAConfig": "config",
+    "VBLoRAModel": "engine",
+    "AdapterNotFoundError": "errors", "AdapterStateError": "errors", "AdapterNamesError": "errors",
+    "DestinationExistsError": "errors", "InvalidAdapterError": "errors", "InvalidConfigError": "errors",
+    "TargetingError": "errors", "UnsupportedConversionError": "errors", "VBLoRAStoreError": "errors",
+    "WriteError": "errors",
+    "export_lora": "export",
+    "StorageForm": "choices", "ReportFormat": "choices",
+    "StoredAdapter": "format", "convert": "format", "index_dtype": "format", "read_adapter": "format",
+    "read_adapters": "format",
+    "push": "hub", "resolve_source": "hub",
+    "merge": "merge",
+    "Report": "report", "build_report": "report",
+    "verify_adapters": "verify",
+}  # fmt: skip
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AdapterAccount",
+    "AdapterNamesError",
     "AdapterNotFoundError",
     "AdapterStateError",
     "DestinationExistsError",
@@ -49,4 +59,18 @@ __all__ = [
     "read_adapters",
     "resolve_source",
     "verify_adapters",
+    "WriteError",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'vblora_store' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{home}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

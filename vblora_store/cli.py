@@ -2,58 +2,83 @@
 
 Exit codes:
     0  done
-    1  a check failed (``report --max-bytes/--min-compression``)
-    2  bad input or usage: the message on stderr names the file, the problem and the fix
+    1  a check failed (``report --max-bytes/--min-compression``, ``verify --tol``)
+    2  bad input or usage: one or two lines on stderr name the file, the problem and the fix
+
+Only click and the torch-free :mod:`vblora_store.choices` are imported at start:
+each command imports what it uses, so ``--help``, ``--version`` and usage
+errors cost no torch.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+import math
+import os
 import sys
 import traceback
 from typing import Optional
 
 import click
 
-from .accounting import account
-from .batch import BatchItem, BatchResult, convert_tree
-from .errors import InvalidAdapterError, VBLoRAStoreError
-from .format import StorageForm, convert, read_adapters
-from .format.packed import BankDtype, WeightsDtype
-from .hub import push, resolve_source
-from .inspection import describe, render_json, render_text
-from .report import ReportFormat, build_report
-from .verify import render as render_verification
-from .usage import bank_usage, plot_usage
-from .verify import verify_adapters
-from .export import export_lora
-from .merge import MergeDtype, merge
+from .choices import BankDtype, MergeDtype, ReportFormat, StorageForm, WeightsDtype
+from .errors import VBLoRAStoreError, os_problem
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
 
 class _Group(click.Group):
-    """Turns library errors into one clean line and exit code 2 (a traceback only with --debug)."""
+    """One line per error, exit code 2: usage errors, library errors, the operating system's refusals.
+
+    A traceback only with ``--debug``.
+    """
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.UsageError as e:
+            where = e.ctx.command_path if e.ctx is not None else "vblora-store"
+            message = e.format_message().rstrip(".")
+            _fail(f"error: {message[:1].lower()}{message[1:]}; see {where} --help")
+        except click.ClickException as e:
+            _fail(f"error: {e.format_message()}", e.exit_code)
+        except click.Abort:
+            _fail("aborted", 1)
+        sys.exit(code if isinstance(code, int) else EXIT_OK)
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except VBLoRAStoreError as e:
-            if ctx.obj and ctx.obj.get("debug"):
-                traceback.print_exc()
-            click.echo(f"error: {e}", err=True)
-            sys.exit(EXIT_BAD_INPUT)
         except (click.exceptions.Exit, click.ClickException, click.Abort, SystemExit, KeyboardInterrupt):
             raise
-        except Exception as e:  # a bug, or input no check caught: never a bare traceback
-            if ctx.obj and ctx.obj.get("debug"):
-                traceback.print_exc()
-            click.echo(
-                f"error: unexpected {type(e).__name__}: {e}; rerun with --debug and report it.",
-                err=True,
-            )
-            sys.exit(EXIT_BAD_INPUT)
+        except VBLoRAStoreError as e:
+            _debug(ctx)
+            _fail(f"error: {e}")
+        except Exception as e:  # the operating system's refusal, a bug, or input no check caught
+            _debug(ctx)
+            problem = os_problem(e)
+            if problem is not None:
+                where = getattr(e, "filename", None)
+                _fail(
+                    f"error: {problem.message('access', where) if where else problem.message('write', 'standard output')}"
+                )
+            _fail(f"error: unexpected {type(e).__name__}: {e}; rerun with --debug and report it.")
+
+
+def _debug(ctx: click.Context) -> None:
+    if ctx.obj and ctx.obj.get("debug"):
+        traceback.print_exc()
+
+
+def _fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
+    """Print ``message`` on stderr and exit; if stdout itself failed, drop what it still holds."""
+    try:
+        sys.stdout.flush()
+    except OSError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    click.echo(message, err=True)
+    sys.exit(code)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -75,6 +100,8 @@ def _sources(*names: str):
     def decorate(command):
         @functools.wraps(command)
         def wrapper(*args, revision: Optional[str], subfolder: Optional[str], **kwargs):
+            from .hub import resolve_source
+
             resolve = functools.partial(resolve_source, revision=revision, subfolder=subfolder)
             for name in names:
                 value = kwargs[name]
@@ -94,6 +121,24 @@ def _sources(*names: str):
     return decorate
 
 
+class _Number(click.ParamType):
+    """A float at least ``minimum`` (infinity allowed, NaN refused: every comparison with it fails)."""
+
+    name = "float"
+
+    def __init__(self, minimum: float = 0.0):
+        self.minimum = minimum
+
+    def convert(self, value, param, ctx):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if math.isnan(number) or number < self.minimum:
+            self.fail(f"{value!r} is not a number >= {self.minimum:g}", param, ctx)
+        return number
+
+
 def _enum_option(flag: str, enum: type, default, help: str, *names: str):
     """A ``--flag`` choosing one member of a ``str`` Enum by value, with its default shown."""
     choices = click.Choice([m.value for m in enum])
@@ -106,6 +151,9 @@ def _enum_option(flag: str, enum: type, default, help: str, *names: str):
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 def inspect_cmd(path: str, as_json: bool) -> None:
     """Show the form, config, adapted modules and tensors of the adapters in PATH."""
+    from .format import read_adapters
+    from .inspection import describe, render_json, render_text
+
     descriptions = [describe(a) for a in read_adapters(path)]
     click.echo(render_json(descriptions) if as_json else render_text(descriptions))
 
@@ -148,6 +196,11 @@ def convert_cmd(
     With --recursive, SRC and DST are trees: each adapter folder found under SRC is converted on its
     own (--force applies to each); a broken one is reported and the others go on; exit 2 if any failed.
     """
+    from .accounting import account
+    from .batch import convert_tree
+    from .format import convert, read_adapters
+    from .report import build_report
+
     options = dict(to=to, force=force, weights_dtype=weights_dtype, bank_dtype=bank_dtype)
     if recursive:
         sys.exit(_render_batch(convert_tree(src, dst, jobs=jobs, progress=_batch_progress(), **options)))
@@ -166,7 +219,7 @@ def _batch_progress():
         )
     bar = {}
 
-    def advance(done: int, total: int, item: BatchItem) -> None:
+    def advance(done: int, total: int, item) -> None:
         if not bar:
             bar["bar"] = click.progressbar(length=total, label="converting", file=sys.stderr)
         bar["bar"].update(1)
@@ -176,7 +229,7 @@ def _batch_progress():
     return advance
 
 
-def _render_batch(result: BatchResult) -> int:
+def _render_batch(result) -> int:
     """Each failure on stderr, then the summary line; the exit code."""
     for item in result.failed:
         click.echo(f"error: {item.src}: {item.error}", err=True)
@@ -191,7 +244,7 @@ def _render_batch(result: BatchResult) -> int:
 @click.option("--max-bytes", type=click.IntRange(min=0), help="Exit 1 if a weights file is larger.")
 @click.option(
     "--min-compression",
-    type=click.FloatRange(min=0),
+    type=_Number(0),
     help="Exit 1 if an adapter stores less than X times fewer parameters than a rank-r LoRA.",
 )
 @click.option(
@@ -207,6 +260,11 @@ def report_cmd(
     plot: Optional[str],
 ) -> None:
     """Report sizes and float32-equivalent parameter counts of the adapters in PATHS."""
+    from .accounting import account
+    from .format import read_adapters
+    from .report import build_report
+    from .usage import bank_usage, plot_usage
+
     adapters = [a for path in paths for a in read_adapters(path)]
     report = build_report(
         [account(a) for a in adapters], max_bytes=max_bytes, min_compression=min_compression
@@ -228,7 +286,7 @@ def report_cmd(
 @click.argument("b", type=click.Path(path_type=str))
 @click.option(
     "--tol",
-    type=click.FloatRange(min=0),
+    type=_Number(0),
     default=1e-6,
     show_default=True,
     help="Largest relative error allowed.",
@@ -236,6 +294,11 @@ def report_cmd(
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
 def verify_cmd(a: str, b: str, tol: float, fmt: str) -> None:
     """Compare ΔW = B·A of every module of adapters A and B (any forms); exit 1 above --tol."""
+    from .errors import InvalidAdapterError
+    from .format import read_adapters
+    from .verify import render as render_verification
+    from .verify import verify_adapters
+
     first = {x.name: x for x in read_adapters(a)}
     second = {x.name: x for x in read_adapters(b)}
     if set(first) != set(second):
@@ -276,6 +339,8 @@ def push_cmd(
     adapter_config.json and weights file. The token comes from HF_TOKEN or `hf auth login`, the
     endpoint from HF_ENDPOINT; the token is never printed.
     """
+    from .hub import push
+
     url = push(
         path,
         repo_id,
@@ -295,6 +360,8 @@ def push_cmd(
 @click.option("--force", is_flag=True, help="Replace DST if it exists.")
 def export_lora_cmd(src: str, dst: str, force: bool) -> None:
     """Write the adapters in SRC (any form) as exact PEFT LoRA adapters of the same rank into DST."""
+    from .export import export_lora
+
     adapters = export_lora(src, dst, force=force)
     for adapter in adapters:
         r = adapter.config.r
@@ -313,6 +380,8 @@ def export_lora_cmd(src: str, dst: str, force: bool) -> None:
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 def merge_cmd(base_dir: str, adapter: str, out: str, dtype: str, force: bool) -> None:
     """Merge the adapter in ADAPTER into the safetensors checkpoint BASE_DIR, writing the checkpoint OUT."""
+    from .merge import merge
+
     summary = merge(base_dir, adapter, out, dtype=dtype, force=force)
     click.echo(
         f"merged {summary.merged_modules} modules, replaced {summary.replaced_tensors} tensors, "

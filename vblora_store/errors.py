@@ -9,6 +9,12 @@ every ``VBLoRAStoreError`` to exit code 2 and prints its message alone.
 
 from __future__ import annotations
 
+import errno
+import os
+import re
+from pathlib import Path
+from typing import Optional, Union
+
 __all__ = [
     "VBLoRAStoreError",
     "AdapterNotFoundError",
@@ -22,6 +28,9 @@ __all__ = [
     "CheckpointNotFoundError",
     "InvalidCheckpointError",
     "UnsafePathError",
+    "WriteError",
+    "OSProblem",
+    "os_problem",
 ]
 
 
@@ -91,3 +100,60 @@ class HubConnectionError(HubError, ConnectionError):
 
 class UnsafePathError(VBLoRAStoreError, PermissionError):
     """A symbolic link inside an adapter folder leads outside it, so it is not followed."""
+
+
+class WriteError(VBLoRAStoreError, OSError):
+    """The operating system refused a write (full disk, read-only or missing folder, no permission)."""
+
+
+#: What to do about each operating-system failure, by errno.
+_FIXES = {
+    errno.ENOSPC: "free space on that device, or choose another destination",
+    errno.EDQUOT: "free space within your quota, or choose another destination",
+    errno.EACCES: "choose a destination you may write to, or change its permissions",
+    errno.EPERM: "choose a destination you may write to, or change its permissions",
+    errno.EROFS: "its file system is read-only; choose another destination",
+    errno.ENOTDIR: "choose another path",
+    errno.EEXIST: "choose another path",
+    errno.EISDIR: "it is a folder; give a file name",
+    errno.ENOENT: "a folder on the way does not exist and cannot be made; check the path",
+    errno.ENAMETOOLONG: "choose a shorter path",
+    errno.EIO: "the device reported an I/O error; check it, or choose another destination",
+}
+#: Plainer words than ``strerror``'s where the error is about the path itself.
+_TEXTS = {
+    errno.ENOTDIR: "a part of the path is a file, not a folder",
+    errno.EEXIST: "a part of the path is a file, not a folder",
+}
+_OS_ERROR_CODE = re.compile(r"\(os error (\d+)\)")
+
+
+class OSProblem:
+    """An operating-system failure reduced to its errno and text, from an ``OSError`` or a library's message."""
+
+    def __init__(self, code: Optional[int], text: str):
+        self.code, self.text = code, _TEXTS.get(code, text)
+
+    def message(self, verb: str, path: Union[str, Path]) -> str:
+        """``cannot <verb> <path>: <what happened>; <what to do>.``"""
+        fix = _FIXES.get(self.code, "check the path and its permissions")
+        return f"cannot {verb} {path}: {self.text}; {fix}."
+
+
+def os_problem(error: BaseException) -> Optional[OSProblem]:
+    """The :class:`OSProblem` behind ``error``, or ``None`` when it is no operating-system failure.
+
+    safetensors and torch report a failed write as their own exception with
+    ``(os error N)`` in the message; an ``OSError`` carries its errno.
+
+    Example:
+        >>> os_problem(OSError(28, "No space left on device")).message("write", "out")
+        'cannot write out: no space left on device; free space on that device, or choose another destination.'
+    """
+    if isinstance(error, OSError) and error.errno is not None:
+        return OSProblem(error.errno, (error.strerror or str(error)).lower())
+    match = _OS_ERROR_CODE.search(str(error))
+    if match is None:
+        return None
+    code = int(match.group(1))
+    return OSProblem(code, os.strerror(code).lower())

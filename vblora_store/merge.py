@@ -22,12 +22,12 @@ from __future__ import annotations
 import json
 import shutil
 from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
 from typing import Collection, Optional, Union
 
 import torch
 
+from .choices import MergeDtype
 from .checkpoint import FLOAT_DTYPES, INDEX_FILE, Checkpoint, Shard, read_checkpoint, read_tensor, write_shard
 from .errors import InvalidCheckpointError, TargetingError
 from .format.atomic import atomic_folder, check_destination
@@ -55,19 +55,16 @@ _BASE_LAYER = ".base_layer."  # PEFT's name of the wrapped layer in trained-bias
 _SAFETENSORS_NAME = {dtype: name for name, dtype in FLOAT_DTYPES.items()}
 
 
-class MergeDtype(str, Enum):
-    """The dtype of the merged checkpoint's floating tensors (``auto``: each as in the base)."""
+def output_dtype(choice: MergeDtype, stored: str) -> str:
+    """The safetensors dtype name a tensor stored as ``stored`` is written in under ``choice``.
 
-    AUTO = "auto"
-    FLOAT32 = "float32"
-    FLOAT16 = "float16"
-    BFLOAT16 = "bfloat16"
-
-    def output_dtype(self, stored: str) -> str:
-        """The safetensors dtype name a tensor stored as ``stored`` is written in."""
-        if self is MergeDtype.AUTO or stored not in FLOAT_DTYPES:
-            return stored
-        return _SAFETENSORS_NAME[getattr(torch, self.value)]
+    Example:
+        >>> output_dtype(MergeDtype.BFLOAT16, "F32"), output_dtype(MergeDtype.AUTO, "F32"), output_dtype(MergeDtype.FLOAT16, "I64")
+        ('BF16', 'F32', 'I64')
+    """
+    if choice is MergeDtype.AUTO or stored not in FLOAT_DTYPES:
+        return stored
+    return _SAFETENSORS_NAME[getattr(torch, choice.value)]
 
 
 @dataclass
@@ -310,7 +307,7 @@ def _merge_shard(
     """Write one merged shard to ``dst``; return its data size in bytes."""
     in_shard = plan.modules_in(set(shard.keys))
     factors = {m: (a, b) for m, a, b in module_factors(adapter, list(in_shard.values()), dtype=torch.float32)}
-    out_dtypes = {key: dtype.output_dtype(checkpoint.tensors[key].dtype) for key in shard.keys}
+    out_dtypes = {key: output_dtype(dtype, checkpoint.tensors[key].dtype) for key in shard.keys}
 
     def produce(key: str) -> Optional[torch.Tensor]:
         target = FLOAT_DTYPES.get(out_dtypes[key])

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from enum import Enum
+from pathlib import Path
 from typing import Optional
 
 from .accounting import AdapterAccount
+from .choices import ReportFormat
 
 __all__ = ["ReportFormat", "Check", "Report", "build_report", "REPORT_FIELDS"]
 
@@ -39,20 +40,6 @@ REPORT_FIELDS = (
     "compression_vs_full",
     "compression_vs_lora",
 )
-
-
-class ReportFormat(str, Enum):
-    """How a report is rendered.
-
-    Members:
-        TEXT: aligned lines for a terminal.
-        JSON: one object ``{"adapters": [...], "checks": [...], "passed": bool}``.
-        MARKDOWN: tables for a CI job summary or a model card.
-    """
-
-    TEXT = "text"
-    JSON = "json"
-    MARKDOWN = "markdown"
 
 
 @dataclass(frozen=True)
@@ -174,7 +161,21 @@ def _check_line(check: Check) -> str:
     return f"{verdict} {check.adapter}: {check.name} {check.value:g} {relation} {check.limit:g}"
 
 
+def _root(acc: AdapterAccount) -> str:
+    """The folder ``acc`` was read from: its own, or its parent for an adapter in PEFT's sub-folder layout."""
+    folder = Path(acc.path)
+    return str(folder.parent if acc.adapter_name != "default" and folder.name == acc.adapter_name else folder)
+
+
 def _markdown(report: Report) -> str:
+    # The folder tells adapters apart once they come from several (each folder's root is "default");
+    # a report of one folder (a model card's) names none, so no local path reaches a card.
+    several = len({_root(acc) for acc in report.accounts}) > 1
+    name = (
+        (lambda acc: f"`{acc.path}` `{acc.adapter_name}`")
+        if several
+        else (lambda acc: f"`{acc.adapter_name}`")
+    )
     lines = [
         "| adapter | form | precision | weights file (bytes) | VB-LoRA params | other params | full form "
         "| top-k form | packed form | rank-r LoRA | vs full | vs LoRA |",
@@ -182,7 +183,7 @@ def _markdown(report: Report) -> str:
     ]
     for acc in report.accounts:
         lines.append(
-            f"| `{acc.adapter_name}` | {acc.form.value} | {acc.precision} | {acc.file_bytes:,} "
+            f"| {name(acc)} | {acc.form.value} | {acc.precision} | {acc.file_bytes:,} "
             f"| {acc.vblora_params:,} | {acc.other_params:,} | {acc.full_vblora_params:,} "
             f"| {acc.topk_vblora_params:,} | {acc.packed_vblora_params:,} | {acc.lora_params:,} "
             f"| {acc.compression_vs_full:.1f}x | {acc.compression_vs_lora:.1f}x |"
@@ -191,7 +192,7 @@ def _markdown(report: Report) -> str:
     for acc in report.accounts:
         lines += [
             "",
-            f"**`{acc.adapter_name}`** (r={acc.r}, N={acc.num_vectors}, L={acc.vector_length}, k={acc.topk}), "
+            f"**{name(acc)}** (r={acc.r}, N={acc.num_vectors}, L={acc.vector_length}, k={acc.topk}), "
             "by module type:",
             "",
             "| module type | modules | sub-vector slots | rank-r LoRA params |",

@@ -19,9 +19,9 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Iterator, Optional, Union
 
-from ..errors import DestinationExistsError
+from ..errors import DestinationExistsError, VBLoRAStoreError, WriteError, os_problem
 
 __all__ = ["TMP_PREFIX", "check_destination", "atomic_folder", "atomic_file", "remove_stale_temps"]
 
@@ -104,21 +104,24 @@ def atomic_folder(dst: Union[str, Path], *, force: bool = False) -> Iterator[Pat
         ...     (work / "a.txt").write_text("hello")
     """
     dst = check_destination(dst, force=force)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(dst)
-    work = Path(tempfile.mkdtemp(prefix=_temp_prefix(dst), dir=dst.parent))
+    with _write_errors(dst):
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(dst)
+        work = Path(tempfile.mkdtemp(prefix=_temp_prefix(dst), dir=dst.parent))
     try:
-        yield work
-        _default_modes(work)
-        _fsync_tree(work)
-        if dst.exists() or dst.is_symlink():
-            check_destination(dst, force=force)
-            old = Path(tempfile.mkdtemp(prefix=_temp_prefix(dst), dir=dst.parent))
-            os.replace(dst, old / dst.name)
-            os.replace(work, dst)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(work, dst)
+        with _write_errors(dst, work):
+            yield work
+        with _write_errors(dst):
+            _default_modes(work)
+            _fsync_tree(work)
+            if dst.exists() or dst.is_symlink():
+                check_destination(dst, force=force)
+                old = Path(tempfile.mkdtemp(prefix=_temp_prefix(dst), dir=dst.parent))
+                os.replace(dst, old / dst.name)
+                os.replace(work, dst)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(work, dst)
     finally:
         if work.exists():
             shutil.rmtree(work, ignore_errors=True)
@@ -133,19 +136,47 @@ def atomic_file(dst: Union[str, Path]) -> Iterator[Path]:
         ...     figure.savefig(tmp)
     """
     dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(dst)
-    fd, name = tempfile.mkstemp(prefix=_temp_prefix(dst), dir=dst.parent)
-    os.close(fd)
-    work = Path(name)
-    os.chmod(work, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
+    with _write_errors(dst):
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(dst)
+        fd, name = tempfile.mkstemp(prefix=_temp_prefix(dst), dir=dst.parent)
+        os.close(fd)
+        work = Path(name)
+        os.chmod(work, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
     try:
-        yield work
-        with open(work, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(work, dst)
+        with _write_errors(dst, work):
+            yield work
+        with _write_errors(dst):
+            with open(work, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(work, dst)
     finally:
         work.unlink(missing_ok=True)
+
+
+@contextmanager
+def _write_errors(dst: Path, work: Optional[Path] = None) -> Iterator[None]:
+    """Turn the operating system's refusals while writing ``dst`` into one :class:`WriteError` naming ``dst``.
+
+    Inside the caller's block (``work`` given), an ``OSError`` about another
+    file (a source that cannot be read, say) is left as it is.
+    """
+    try:
+        yield
+    except VBLoRAStoreError:
+        raise
+    except Exception as e:
+        problem = os_problem(e)
+        filename = getattr(e, "filename", None)
+        elsewhere = work is not None and filename is not None and not _is_under(Path(filename), dst.parent)
+        if problem is None or elsewhere:
+            raise
+        raise WriteError(problem.message("write", dst)) from e
+
+
+def _is_under(path: Path, folder: Path) -> bool:
+    path, folder = Path(os.path.abspath(path)), Path(os.path.abspath(folder))
+    return path == folder or folder in path.parents
 
 
 def _umask() -> int:

@@ -15,10 +15,11 @@ where ``...`` is ``(r, in/L)`` for A and ``(out/L, r)`` for B.  Any other tensor
 from __future__ import annotations
 
 import re
-from enum import Enum
 from typing import NamedTuple, Optional
 
 import torch
+
+from ..choices import StorageForm
 
 __all__ = [
     "StorageForm",
@@ -41,28 +42,6 @@ WEIGHTS_NAME_BIN = "adapter_model.bin"
 
 _KEY = re.compile(r"^(?P<prefix>.+)\.vblora_logits_(?P<side>[AB])(?P<suffix>_topk_indices|_topk_weights)?$")
 _PART_OF_SUFFIX = {None: "logits", "_topk_indices": "indices", "_topk_weights": "weights"}
-
-
-class StorageForm(str, Enum):
-    """How an adapter's logits are stored.
-
-    Members:
-        FULL: every logit, ``(..., N)`` per module side; training can resume.
-        TOPK: PEFT's ``save_only_topk_weights`` form: the top-k indices
-            ``(..., k)`` and the softmax of the top-k logits without its last
-            entry ``(..., k - 1)``; inference and merging only.
-        PACKED: vblora_store's form of the same top-k data: indices bit-packed,
-            one tensor per kind, optional lower precision (docs/format.md).
-    """
-
-    FULL = "full"
-    TOPK = "topk"
-    PACKED = "packed"
-
-    @property
-    def has_logits(self) -> bool:
-        """Whether every logit is stored (training can resume)."""
-        return self is StorageForm.FULL
 
 
 class KeyParts(NamedTuple):

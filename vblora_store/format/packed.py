@@ -18,11 +18,11 @@ and bank (the default) bit for bit.
 from __future__ import annotations
 
 import json
-from enum import Enum
 from typing import Iterable
 
 import torch
 
+from ..choices import BankDtype, WeightsDtype
 from ..errors import InvalidAdapterError
 from .bitpack import bits_for, pack, packed_size, unpack
 from .keys import BANK_KEY, index_dtype, indices_key, parse_key, weights_key
@@ -47,37 +47,6 @@ BANK_SCALE = "vblora_packed.bank_scale"
 # hash order, so several keys would make the bytes differ from run to run.
 METADATA_KEY = "vblora_store.packed"
 _INT8_MAX = 127
-
-
-class WeightsDtype(str, Enum):
-    """How the packed form stores top-k weights.
-
-    Members:
-        FLOAT32: as PEFT stores them: lossless.
-        FLOAT16: half the bytes; about 3 significant digits.
-        BFLOAT16: half the bytes; about 2 significant digits, float32's range.
-    """
-
-    FLOAT32 = "float32"
-    FLOAT16 = "float16"
-    BFLOAT16 = "bfloat16"
-
-
-class BankDtype(str, Enum):
-    """How the packed form stores the vector bank.
-
-    Members:
-        FLOAT32: lossless.
-        FLOAT16: half the bytes.
-        BFLOAT16: half the bytes, float32's range.
-        INT8: a quarter of the bytes: each vector scaled by max|v| / 127 and rounded;
-            the scales are stored as float32 (N,).
-    """
-
-    FLOAT32 = "float32"
-    FLOAT16 = "float16"
-    BFLOAT16 = "bfloat16"
-    INT8 = "int8"
 
 
 def is_packed(metadata: dict | None) -> bool:
