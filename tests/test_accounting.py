@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 
 from conftest import MULTI_FIXTURE, save_both_forms, single_config, tiny_llama
 from vblora_store import account, convert, read_adapter, read_adapters
-from vblora_store.accounting import topk_savable_params
+from vblora_store.format.codecs.base import FormCounts
+from vblora_store.format.codecs.topk import CODEC as TOPK
 
 
 def peft_counts(model, adapter: str = "default", *, topk: bool) -> tuple[int, int]:
@@ -224,6 +225,6 @@ def test_topk_formula_equals_peft_float_formula(num_vectors, vector_length, slot
     """``topk_savable_params`` (exact integers) equals PEFT's float formula, including its int() floor."""
     topk = data.draw(st.integers(1, min(num_vectors, 64)), label="topk")
     bank = num_vectors * vector_length
-    assert topk_savable_params(bank_params=bank, slots=slots, num_vectors=num_vectors, topk=topk) == (
+    assert TOPK.savable_params(FormCounts(bank, slots, num_vectors, topk)) == (
         peft_topk_formula(bank, slots, num_vectors, topk)
     )

@@ -14,7 +14,7 @@ from safetensors import safe_open
 from conftest import peft_logits, run_cli, snapshot
 from vblora_store.format import StorageForm, convert, read_adapters
 from vblora_store.format.bitpack import bits_for, pack, packed_size, unpack
-from vblora_store.format.packed import _fit_simplex
+from vblora_store.format.codecs.packed import _fit_simplex
 from vblora_store.topk import complete_weights
 from vblora_store.verify import verify_adapters
 
@@ -127,7 +127,11 @@ def test_lossy_options_shrink_and_stay_close(peft_saves, tmp_path, weights_dtype
     )
     lossless, lossy = read_adapters(tmp_path / "lossless")[0], read_adapters(tmp_path / "lossy")[0]
     assert lossy.file_bytes < lossless.file_bytes
-    assert lossy.packing == {"weights_dtype": weights_dtype, "bank_dtype": bank_dtype, "index_bits": "6"}
+    assert lossy.packing.info() == {
+        "weights_dtype": weights_dtype,
+        "bank_dtype": bank_dtype,
+        "index_bits": "6",
+    }
     error = verify_adapters(read_adapters(peft_saves.full)[0], lossy).max_rel_error
     assert 0 < error < bound
 

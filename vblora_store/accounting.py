@@ -1,85 +1,23 @@
 """Parameter accounting: what an adapter stores, counted as PEFT counts it, per adapter.
 
 PEFT's ``VBLoRAModel.get_nb_savable_parameters`` counts float32-equivalent
-parameters::
-
-    full form:   bank + every logit                      = N·L + S·N
-    top-k form:  bank + S·(k - 1) + S·k·f                f = index bytes / 4
-
-where ``S`` is the number of sub-vector slots (logits numel / N) and ``f`` is
-0.25, 0.5, 1 or 2 for the uint8, int16, int32 or int64 indices of PEFT's
-index-dtype rule.  PEFT sums every adapter of a model; here each adapter is
-counted alone, from its files, with no model.
-
-The packed form follows the same idea, every stored bit counted: the bank and
-weights at their stored width, ``b = ceil(log2 N)`` bits per index, plus the
-int8 bank's float32 scales; ``floor(total bits / 32)``.
+parameters (full form ``N·L + S·N``; top-k form ``N·L + S·(k - 1) + S·k·f``
+with ``f`` = index bytes / 4), ``S`` the number of sub-vector slots.  Each
+storage form's formula lives in its codec (:mod:`vblora_store.format.codecs`);
+this module loops over the registered forms, so every form is counted, and
+counts each adapter alone, from its files, with no model (PEFT sums every
+adapter of a model).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .format.bitpack import bits_for, packed_size
-from .format.keys import StorageForm, index_dtype
-from .format.peft import StoredAdapter
+from .format.codecs.base import FormCounts
+from .format.stored import StoredAdapter
+from .storage_forms import StorageForm
 
-__all__ = [
-    "ModuleTypeCount",
-    "AdapterAccount",
-    "full_savable_params",
-    "topk_savable_params",
-    "packed_savable_params",
-    "form_data_bytes",
-    "account",
-]
-
-
-def full_savable_params(*, bank_params: int, slots: int, num_vectors: int) -> int:
-    """Float32-equivalent count of the full form: the bank plus ``slots · N`` logits."""
-    return bank_params + slots * num_vectors
-
-
-def topk_savable_params(*, bank_params: int, slots: int, num_vectors: int, topk: int) -> int:
-    """Float32-equivalent count of PEFT's top-k form (see the module docstring).
-
-    Example:
-        >>> topk_savable_params(bank_params=800, slots=10, num_vectors=50, topk=2)  # uint8: f = 1/4
-        815
-    """
-    index_bytes = index_dtype(num_vectors).itemsize
-    # S·k·f with f = bytes/4, floored as PEFT's int() floors its float sum.
-    return bank_params + slots * (topk - 1) + (slots * topk * index_bytes) // 4
-
-
-def packed_savable_params(
-    *, bank_params: int, slots: int, num_vectors: int, topk: int, weights_bits: int = 32, bank_bits: int = 32
-) -> int:
-    """Float32-equivalent count of the packed form (see the module docstring).
-
-    Example:
-        >>> packed_savable_params(bank_params=800, slots=10, num_vectors=50, topk=2)  # 6-bit indices
-        813
-    """
-    scale_bits = 32 * num_vectors if bank_bits == 8 else 0
-    bits = bank_params * bank_bits + scale_bits + slots * (topk - 1) * weights_bits
-    bits += slots * topk * bits_for(num_vectors)
-    return bits // 32
-
-
-def form_data_bytes(*, bank_params: int, slots: int, num_vectors: int, topk: int) -> dict[str, int]:
-    """Tensor bytes (headers aside) each lossless form stores, float32 bank and weights.
-
-    Example:
-        >>> form_data_bytes(bank_params=800, slots=10, num_vectors=50, topk=2)
-        {'full': 5200, 'topk': 3260, 'packed': 3255}
-    """
-    floats = 4 * (bank_params + slots * (topk - 1))
-    return {
-        "full": 4 * (bank_params + slots * num_vectors),
-        "topk": floats + slots * topk * index_dtype(num_vectors).itemsize,
-        "packed": floats + packed_size(slots * topk, bits_for(num_vectors)),
-    }
+__all__ = ["ModuleTypeCount", "AdapterAccount", "FormCounts", "account"]
 
 
 @dataclass(frozen=True)
@@ -96,8 +34,8 @@ class ModuleTypeCount:
 class AdapterAccount:
     """Everything counted about one stored adapter.
 
-    ``vblora_params`` and ``other_params`` describe the form as stored; the
-    ``full_``/``topk_`` counts say what each form would store.
+    ``vblora_params`` and ``other_params`` describe the form as stored;
+    ``form_params`` and ``form_bytes`` say what every registered form would store.
     """
 
     path: str
@@ -113,13 +51,18 @@ class AdapterAccount:
     bank_params: int
     vblora_params: int
     other_params: int
-    full_vblora_params: int
-    topk_vblora_params: int
-    packed_vblora_params: int
+    form_params: dict[str, int]  # float32-equivalent parameters each registered form stores, by form name
     lora_params: int
-    form_bytes: dict[str, int]
+    form_bytes: dict[str, int]  # tensor bytes each registered form stores (lossless), by form name
     precision: str  # "lossless", or the lossy packed dtypes, e.g. "weights float16, bank int8"
     by_module_type: list[ModuleTypeCount] = field(default_factory=list)
+
+    def __getattr__(self, name: str) -> int:
+        """``<form>_vblora_params``: what that registered form would store (``full_vblora_params``, ...)."""
+        form = name.removesuffix("_vblora_params")
+        if name.endswith("_vblora_params") and form in self.__dict__.get("form_params", {}):
+            return self.form_params[form]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     @property
     def compression_vs_full(self) -> float:
@@ -146,55 +89,36 @@ def account(adapter: StoredAdapter) -> AdapterAccount:
         >>> acc.vblora_params, acc.compression_vs_lora  # doctest: +SKIP
     """
     cfg = adapter.config
-    n, length = cfg.num_vectors, cfg.vector_length
     types: dict[str, list[int]] = {}
     slots = lora = 0
     for module in adapter.modules.values():
         module_lora = cfg.r * (module.in_features + module.out_features)
-        module_slots = module_lora // length  # r·in/L sub-vectors in A, out/L·r in B
+        module_slots = module_lora // cfg.vector_length  # r·in/L sub-vectors in A, out/L·r in B
         slots += module_slots
         lora += module_lora
         totals = types.setdefault(module.name.rsplit(".", 1)[-1], [0, 0, 0])
         totals[0] += 1
         totals[1] += module_slots
         totals[2] += module_lora
-    bank = n * length
-    full = full_savable_params(bank_params=bank, slots=slots, num_vectors=n)
-    topk = topk_savable_params(bank_params=bank, slots=slots, num_vectors=n, topk=cfg.topk)
-    packed = packed_savable_params(bank_params=bank, slots=slots, num_vectors=n, topk=cfg.topk)
-    stored = {StorageForm.FULL: full, StorageForm.TOPK: topk}.get(adapter.form)
-    precision = "lossless"
-    if stored is None:  # packed: count the stored widths
-        weights, bank_dtype = adapter.packing["weights_dtype"], adapter.packing["bank_dtype"]
-        stored = packed_savable_params(
-            bank_params=bank, slots=slots, num_vectors=n, topk=cfg.topk,
-            weights_bits=_bits(weights), bank_bits=_bits(bank_dtype),
-        )  # fmt: skip
-        if (weights, bank_dtype) != ("float32", "float32"):
-            precision = f"weights {weights}, bank {bank_dtype}"
+    counts = FormCounts(cfg.num_vectors * cfg.vector_length, slots, cfg.num_vectors, cfg.topk)
+    codec = adapter.form.codec
     return AdapterAccount(
         path=str(adapter.folder),
         adapter_name=adapter.name,
         form=adapter.form,
         r=cfg.r,
-        num_vectors=n,
-        vector_length=length,
+        num_vectors=cfg.num_vectors,
+        vector_length=cfg.vector_length,
         topk=cfg.topk,
         num_modules=len(adapter.modules),
         slots=slots,
         file_bytes=adapter.file_bytes,
-        bank_params=bank,
-        vblora_params=stored,
+        bank_params=counts.bank_params,
+        vblora_params=codec.savable_params(counts, adapter.packing),
         other_params=sum(adapter.specs[k].numel for k in adapter.other_keys),
-        full_vblora_params=full,
-        topk_vblora_params=topk,
-        packed_vblora_params=packed,
+        form_params={form.value: form.codec.savable_params(counts) for form in StorageForm},
         lora_params=lora,
-        form_bytes=form_data_bytes(bank_params=bank, slots=slots, num_vectors=n, topk=cfg.topk),
-        precision=precision,
+        form_bytes={form.value: form.codec.data_bytes(counts) for form in StorageForm},
+        precision=codec.precision(adapter.packing),
         by_module_type=[ModuleTypeCount(t, *v) for t, v in sorted(types.items())],
     )
-
-
-def _bits(dtype_name: str) -> int:
-    return {"float32": 32, "float16": 16, "bfloat16": 16, "int8": 8}[dtype_name]

@@ -25,7 +25,7 @@ from typing import Callable, Optional, Union
 from .config import CONFIG_NAME
 from .errors import AdapterNotFoundError, VBLoRAStoreError
 from .format import StorageForm, check_destination, convert
-from .format.packed import BankDtype, WeightsDtype
+from .choices import BankDtype, WeightsDtype
 
 __all__ = ["BatchItem", "BatchResult", "find_adapter_roots", "convert_tree"]
 

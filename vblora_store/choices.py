@@ -1,7 +1,8 @@
 """The named choices of the package, free of torch: what the command line offers before it imports anything.
 
-Each is a ``str`` Enum whose values are the command line's words; the modules
-that act on them (``format.keys``, ``format.packed``, ``report``, ``merge``)
+Each is a ``str`` Enum whose values are the command line's words (storage forms
+are a registry, :mod:`vblora_store.storage_forms`, re-exported here); the modules
+that act on them (``format.codecs.packed``, ``report``, ``merge``)
 re-export them, so ``--help``, ``--version`` and usage errors cost neither
 torch nor safetensors.
 """
@@ -10,29 +11,9 @@ from __future__ import annotations
 
 from enum import Enum
 
+from .storage_forms import StorageForm  # noqa: F401  (the registry of forms, also torch-free)
+
 __all__ = ["StorageForm", "WeightsDtype", "BankDtype", "ReportFormat", "MergeDtype"]
-
-
-class StorageForm(str, Enum):
-    """How an adapter's logits are stored.
-
-    Members:
-        FULL: every logit, ``(..., N)`` per module side; training can resume.
-        TOPK: PEFT's ``save_only_topk_weights`` form: the top-k indices
-            ``(..., k)`` and the softmax of the top-k logits without its last
-            entry ``(..., k - 1)``; inference and merging only.
-        PACKED: vblora_store's form of the same top-k data: indices bit-packed,
-            one tensor per kind, optional lower precision (docs/format.md).
-    """
-
-    FULL = "full"
-    TOPK = "topk"
-    PACKED = "packed"
-
-    @property
-    def has_logits(self) -> bool:
-        """Whether every logit is stored (training can resume)."""
-        return self is StorageForm.FULL
 
 
 class WeightsDtype(str, Enum):

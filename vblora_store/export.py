@@ -25,7 +25,7 @@ from .config import CONFIG_NAME, VBLoRAConfig
 from .format.atomic import atomic_folder, check_destination
 from .format.conversion import SAFETENSORS_METADATA
 from .format.keys import MODEL_PREFIX, WEIGHTS_NAME
-from .format.peft import StoredAdapter, read_adapters
+from .format import StoredAdapter, read_adapters
 from .verify import module_factors
 
 __all__ = ["LORA_PEFT_TYPE", "lora_key", "lora_config", "lora_tensors", "export_lora"]

@@ -158,7 +158,7 @@ def model_card(adapters: Sequence[StoredAdapter], *, repo_id: str) -> str:
         "",
         "## Storage form",
         "",
-        *[_FORM_NOTES[form].format(repo_id=repo_id, name=name) for form in forms],
+        *[form.codec.card_note.format(repo_id=repo_id, name=name) for form in forms],
         "",
         "## Compression report",
         "",
@@ -337,29 +337,12 @@ def _hub_errors(where: str) -> Iterator[None]:
 
 # -- the model card -----------------------------------------------------------------------
 
-_FORM_NOTES = {
-    StorageForm.FULL: (
-        "- **full**: every logit is stored, as PEFT saves by default; training can resume from it "
-        "(`is_trainable=True`)."
-    ),
-    StorageForm.TOPK: (
-        "- **top-k** (PEFT's `save_only_topk_weights=True`): only the top-k bank indices and weights of "
-        "each sub-vector are kept. **Inference only**: it cannot resume training, because the full "
-        "logits were discarded; load it for inference or merging."
-    ),
-    StorageForm.PACKED: (
-        "- **packed** (vblora_store's form of the top-k data: bit-packed indices, one tensor per kind). "
-        "**Inference only**: it cannot resume training. **PEFT cannot read it directly**: convert it "
-        "first with `vblora-store convert {repo_id} {name}-topk --to topk`."
-    ),
-}
-
 
 def _peft_usage(
     adapters: Sequence[StoredAdapter], *, repo_id: str, name: str, base: Optional[str]
 ) -> list[str]:
     """The "load it with PEFT" snippet: a top-k copy first if packed; sub-folders as extra adapters."""
-    packed = any(a.form is StorageForm.PACKED for a in adapters)
+    packed = any(not a.form.peft_reads for a in adapters)
     source = f"{name}-topk" if packed else repo_id
     auto = _AUTO_CLASSES.get(str(adapters[0].config.task_type), "AutoModel")
     lines = []

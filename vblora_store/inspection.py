@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 
-from .format.peft import StoredAdapter
+from .dtypes import name_of
+from .format.stored import StoredAdapter
 
 __all__ = ["CONFIG_ESSENTIALS", "describe", "render_text", "render_json"]
 
@@ -41,13 +42,13 @@ def describe(adapter: StoredAdapter) -> dict:
         "tensors": [
             {
                 "key": key,
-                "dtype": str(spec.dtype).removeprefix("torch."),
+                "dtype": name_of(spec.dtype),
                 "shape": list(spec.shape),
                 "bytes": spec.nbytes,
             }
             for key, spec in adapter.stored_specs.items()
         ],
-        "packing": dict(adapter.packing),
+        "packing": adapter.packing.info() if adapter.packing is not None else {},
     }
 
 

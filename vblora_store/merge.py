@@ -32,7 +32,7 @@ from .checkpoint import FLOAT_DTYPES, INDEX_FILE, Checkpoint, Shard, read_checkp
 from .errors import InvalidCheckpointError, TargetingError
 from .format.atomic import atomic_folder, check_destination
 from .format.keys import MODEL_PREFIX
-from .format.peft import StoredAdapter, read_adapter
+from .format import StoredAdapter, read_adapter
 from .verify import module_factors
 
 __all__ = ["MergeDtype", "MergePlan", "MergeSummary", "resolve_key", "plan_merge", "merged_weight", "merge"]

@@ -14,32 +14,34 @@ from typing import Optional
 
 from .accounting import AdapterAccount
 from .choices import ReportFormat
+from .storage_forms import StorageForm
 
-__all__ = ["ReportFormat", "Check", "Report", "build_report", "REPORT_FIELDS"]
+__all__ = ["ReportFormat", "Check", "Report", "build_report", "report_fields"]
 
-# The per-adapter keys of the JSON report, in order (docs/report-schema.md).
-REPORT_FIELDS = (
-    "path",
-    "adapter_name",
-    "form",
-    "r",
-    "num_vectors",
-    "vector_length",
-    "topk",
-    "num_modules",
-    "slots",
-    "file_bytes",
-    "vblora_params",
-    "other_params",
-    "full_vblora_params",
-    "topk_vblora_params",
-    "packed_vblora_params",
-    "lora_params",
-    "form_bytes",
-    "precision",
-    "compression_vs_full",
-    "compression_vs_lora",
-)
+
+def report_fields() -> tuple[str, ...]:
+    """The per-adapter keys of the JSON report, in order (docs/report-schema.md is tested against it).
+
+    ``<form>_vblora_params`` comes once per registered storage form.
+
+    Example:
+        >>> [f for f in report_fields() if f.endswith("_vblora_params")][:3]
+        ['full_vblora_params', 'topk_vblora_params', 'packed_vblora_params']
+    """
+    forms = tuple(f"{form.value}_vblora_params" for form in StorageForm)
+    head = (
+        "path",
+        "adapter_name",
+        "form",
+        "r",
+        "num_vectors",
+        "vector_length",
+        "topk",
+        "num_modules",
+        "slots",
+    )
+    tail = ("lora_params", "form_bytes", "precision", "compression_vs_full", "compression_vs_lora")
+    return head + ("file_bytes", "vblora_params", "other_params") + forms + tail
 
 
 @dataclass(frozen=True)
@@ -72,10 +74,11 @@ class Report:
         return 0 if self.passed else 1
 
     def rows(self) -> list[dict]:
-        """One JSON-ready dictionary per adapter, keys as :data:`REPORT_FIELDS` plus the breakdown."""
+        """One JSON-ready dictionary per adapter, keys as :func:`report_fields` plus the breakdown."""
         rows = []
         for acc in self.accounts:
-            row = {name: getattr(acc, name) for name in REPORT_FIELDS}
+            values = {f"{form}_vblora_params": count for form, count in acc.form_params.items()}
+            row = {name: values[name] if name in values else getattr(acc, name) for name in report_fields()}
             row["form_bytes"] = dict(acc.form_bytes)
             row["form"] = acc.form.value
             row["compression_vs_full"] = round(acc.compression_vs_full, 4)
@@ -140,9 +143,11 @@ def _text(report: Report) -> str:
             f"  VB-LoRA params        {acc.vblora_params:>15,}  (float32-equivalent, as stored)",
             f"  other params          {acc.other_params:>15,}  (modules_to_save, biases)",
             f"  precision             {acc.precision:>15}",
-            f"  full form would store {acc.full_vblora_params:>15,}  ({acc.form_bytes['full']:,} bytes of tensors)",
-            f"  top-k form stores     {acc.topk_vblora_params:>15,}  ({acc.form_bytes['topk']:,} bytes)",
-            f"  packed form stores    {acc.packed_vblora_params:>15,}  ({acc.form_bytes['packed']:,} bytes, lossless)",
+            *[
+                f"  {form.codec.report_label:<21} {acc.form_params[form]:>15,}  "
+                f"({acc.form_bytes[form]:,} {form.codec.bytes_note})"
+                for form in StorageForm
+            ],
             f"  rank-{acc.r} LoRA stores   {acc.lora_params:>15,}",
             f"  compression           {acc.compression_vs_full:>14.1f}x vs full, "
             f"{acc.compression_vs_lora:.1f}x vs LoRA",
@@ -176,17 +181,19 @@ def _markdown(report: Report) -> str:
         if several
         else (lambda acc: f"`{acc.adapter_name}`")
     )
+    forms = list(StorageForm)
     lines = [
-        "| adapter | form | precision | weights file (bytes) | VB-LoRA params | other params | full form "
-        "| top-k form | packed form | rank-r LoRA | vs full | vs LoRA |",
-        "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "| adapter | form | precision | weights file (bytes) | VB-LoRA params | other params | "
+        + "".join(f"{form.codec.label} form | " for form in forms)
+        + "rank-r LoRA | vs full | vs LoRA |",
+        "|---|---|---|--:|--:|--:|" + "--:|" * len(forms) + "--:|--:|--:|",
     ]
     for acc in report.accounts:
         lines.append(
             f"| {name(acc)} | {acc.form.value} | {acc.precision} | {acc.file_bytes:,} "
-            f"| {acc.vblora_params:,} | {acc.other_params:,} | {acc.full_vblora_params:,} "
-            f"| {acc.topk_vblora_params:,} | {acc.packed_vblora_params:,} | {acc.lora_params:,} "
-            f"| {acc.compression_vs_full:.1f}x | {acc.compression_vs_lora:.1f}x |"
+            f"| {acc.vblora_params:,} | {acc.other_params:,} "
+            + "".join(f"| {acc.form_params[form]:,} " for form in forms)
+            + f"| {acc.lora_params:,} | {acc.compression_vs_full:.1f}x | {acc.compression_vs_lora:.1f}x |"
         )
     lines += ["", "Parameters are float32-equivalent savable counts, as PEFT computes them, per adapter."]
     for acc in report.accounts:

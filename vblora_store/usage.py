@@ -16,7 +16,7 @@ import torch
 from .errors import VBLoRAStoreError
 from .format.atomic import atomic_file
 from .format.keys import indices_key, logits_key
-from .format.peft import StoredAdapter
+from .format.stored import StoredAdapter
 
 __all__ = ["BankUsage", "bank_usage", "plot_usage"]
 

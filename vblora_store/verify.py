@@ -17,7 +17,7 @@ import torch
 
 from .errors import InvalidAdapterError
 from .format.keys import BANK_KEY, indices_key, logits_key, weights_key
-from .format.peft import StoredAdapter
+from .format.stored import StoredAdapter
 from .topk import complete_weights, lora_factors, mix_weights
 
 __all__ = ["ModuleError", "Verification", "module_factors", "verify_adapters", "render"]

@@ -22,7 +22,7 @@ from torch import nn
 
 from ..config import VBLoRAConfig
 from ..errors import AdapterStateError
-from ..format.peft import StoredAdapter, read_adapter
+from ..format import StoredAdapter, read_adapter
 from ..hub import resolve_source
 from .saving import save_adapter, write_model_card
 from .serving import close_route, generate_multiples, open_route, routing

@@ -12,11 +12,12 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from ..accounting import full_savable_params, topk_savable_params
+from ..format.codecs.base import FormCounts
+from ..storage_forms import StorageForm
 from ..config import VBLoRAConfig
 from ..errors import InvalidAdapterError, UnsupportedConversionError
 from ..format.keys import BANK_KEY, MODEL_PREFIX, index_dtype, indices_key, logits_key, weights_key
-from ..format.peft import StoredAdapter
+from ..format.stored import StoredAdapter
 from ..topk import select_topk
 from .layer import VBLoRALinear
 from .trainable import ModulesToSave
@@ -155,16 +156,14 @@ def savable_parameter_counts(
 ) -> tuple[int, int]:
     """PEFT's ``get_nb_savable_parameters`` for one adapter: ``(vblora_params, other_params)``.
 
-    The formulas are :mod:`vblora_store.accounting`'s, applied to the live model.
+    The formulas are the storage forms' codecs' (:mod:`vblora_store.format.codecs`), applied to the live model.
     """
     sub_vectors = 0  # one per (r, in/L) position of A and (out/L, r) position of B
     for _, layer in adapter_layers(model, adapter):
         length, r = config.vector_length, layer.r[adapter]
         sub_vectors += r * layer.in_features // length + layer.out_features // length * r
-    counts = dict(bank_params=bank.numel(), slots=sub_vectors, num_vectors=config.num_vectors)
-    if config.save_only_topk_weights:
-        vblora = topk_savable_params(**counts, topk=config.topk)
-    else:
-        vblora = full_savable_params(**counts)
+    counts = FormCounts(bank.numel(), sub_vectors, config.num_vectors, config.topk)
+    form = StorageForm.TOPK if config.save_only_topk_weights else StorageForm.FULL
+    vblora = form.codec.savable_params(counts)
     other = sum(p.numel() for p in other_parameters(model, adapter, config).values())
     return vblora, other

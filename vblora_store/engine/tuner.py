@@ -20,7 +20,7 @@ from torch import nn
 from ..config import VBLoRAConfig
 from ..errors import AdapterStateError, TargetingError
 from ..format.keys import BANK_KEY, StorageForm, indices_key, logits_key, weights_key
-from ..format.peft import StoredAdapter
+from ..format.stored import StoredAdapter
 from .cache import FactorCache
 from .layer import VBLoRALinear, check_fits, layer_features
 from .topk_store import TopKSlice, TopKTensors

@@ -14,21 +14,14 @@ from typing import Optional, Union
 import torch
 from safetensors.torch import save_file
 
+from ..choices import BankDtype, WeightsDtype
 from ..config import VBLoRAConfig
 from ..errors import UnsupportedConversionError
-from ..topk import select_topk
+from ..storage_forms import StorageForm
 from .atomic import atomic_folder, check_destination
-from .packed import BankDtype, WeightsDtype, pack_topk
-from .keys import (
-    WEIGHTS_NAME,
-    WEIGHTS_NAME_BIN,
-    StorageForm,
-    index_dtype,
-    indices_key,
-    parse_key,
-    weights_key,
-)
-from .peft import StoredAdapter, read_adapters
+from .keys import WEIGHTS_NAME, WEIGHTS_NAME_BIN
+from .reading import read_adapters
+from .stored import StoredAdapter
 
 __all__ = ["convert_tensors", "write_adapter", "convert", "SAFETENSORS_METADATA"]
 
@@ -62,40 +55,20 @@ def convert_tensors(
         InvalidAdapterError: a stored value is bad (NaN, index out of range).
     """
     to = StorageForm(to)
-    weights_dtype, bank_dtype = WeightsDtype(weights_dtype), BankDtype(bank_dtype)
+    options = {"weights_dtype": WeightsDtype(weights_dtype), "bank_dtype": BankDtype(bank_dtype)}
+    asked = {name for name, value in options.items() if value.value != "float32"}
+    if asked - set(to.codec.options):
+        raise UnsupportedConversionError(
+            f"{adapter.folder}: --weights-dtype and --bank-dtype apply to the packed form only; add --to packed."
+        )
     if not adapter.form.has_logits and to.has_logits:
         raise UnsupportedConversionError(
             f"{adapter.folder}: is in {adapter.form.value} form; the full logits were discarded when it was "
             "saved, so it cannot become full again. Convert the original full adapter instead."
         )
-    lossy = (weights_dtype, bank_dtype) != (WeightsDtype.FLOAT32, BankDtype.FLOAT32)
-    if lossy and to is not StorageForm.PACKED:
-        raise UnsupportedConversionError(
-            f"{adapter.folder}: --weights-dtype and --bank-dtype apply to the packed form only; add --to packed."
-        )
-    k, idx_dtype = adapter.config.topk, index_dtype(adapter.config.num_vectors)
-    out: dict[str, torch.Tensor] = {}
-    for key in adapter.specs:
-        value = adapter.checked_tensor(key)
-        parts = parse_key(key)
-        if not to.has_logits and parts is not None and parts.part == "logits":
-            indices, weights = select_topk(value, k, idx_dtype)
-            out[indices_key(parts.module, parts.side)] = indices
-            out[weights_key(parts.module, parts.side)] = weights
-            del value
-        else:
-            out[key] = value
+    out, metadata = to.codec.encode(adapter, **{k: v for k, v in options.items() if k in to.codec.options})
     config = dataclasses.replace(adapter.config, save_only_topk_weights=not to.has_logits)
-    metadata = dict(SAFETENSORS_METADATA)
-    if to is StorageForm.PACKED:
-        out, metadata = pack_topk(
-            list(adapter.modules.values()),
-            out,
-            num_vectors=config.num_vectors,
-            topk=k,
-            weights_dtype=weights_dtype,
-            bank_dtype=bank_dtype,
-        )
+    metadata = metadata or dict(SAFETENSORS_METADATA)
     return config, out, metadata
 
 

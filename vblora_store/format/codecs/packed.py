@@ -18,20 +18,28 @@ and bank (the default) bit for bit.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Iterable
 
 import torch
 
-from ..choices import BankDtype, WeightsDtype
-from ..errors import InvalidAdapterError
-from .bitpack import bits_for, pack, packed_size, unpack
-from .keys import BANK_KEY, index_dtype, indices_key, parse_key, weights_key
+from ...choices import BankDtype, WeightsDtype
+from ...dtypes import by_name, name_of
+from ...errors import InvalidAdapterError
+from ..bitpack import bits_for, pack, packed_size, unpack
+from ..keys import BANK_KEY, index_dtype, indices_key, parse_key, weights_key
+from ..stored import TensorSpec
+from .base import Codec, Decoded, FormCounts
+from .topk import CODEC as TOPK
 
 __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "WeightsDtype",
     "BankDtype",
+    "Packing",
+    "PackedCodec",
+    "CODEC",
     "is_packed",
     "pack_topk",
     "unpack_topk",
@@ -55,7 +63,47 @@ def is_packed(metadata: dict | None) -> bool:
 
 
 def _dtype(name: str) -> torch.dtype:
-    return getattr(torch, name)
+    return by_name(name).torch
+
+
+@dataclass(frozen=True)
+class Packing:
+    """How a packed file stores its values (its metadata, typed).
+
+    Attributes:
+        index_bits: Bits per top-k index: ``ceil(log2 N)``.
+        weights: How the top-k weights are stored.
+        bank: How the bank is stored.
+
+    Example:
+        >>> Packing(11, WeightsDtype.FLOAT16, BankDtype.INT8).lossy, Packing(11).info()
+        (True, {'weights_dtype': 'float32', 'bank_dtype': 'float32', 'index_bits': '11'})
+    """
+
+    index_bits: int
+    weights: WeightsDtype = WeightsDtype.FLOAT32
+    bank: BankDtype = BankDtype.FLOAT32
+
+    @property
+    def lossy(self) -> bool:
+        """Whether the weights or the bank lose precision."""
+        return (self.weights, self.bank) != (WeightsDtype.FLOAT32, BankDtype.FLOAT32)
+
+    @property
+    def weights_bits(self) -> int:
+        return by_name(self.weights.value).bits
+
+    @property
+    def bank_bits(self) -> int:
+        return by_name(self.bank.value).bits
+
+    def info(self) -> dict[str, str]:
+        """The stored dtypes and index width as ``inspect`` shows them."""
+        return {
+            "weights_dtype": self.weights.value,
+            "bank_dtype": self.bank.value,
+            "index_bits": str(self.index_bits),
+        }
 
 
 def _sides(modules: Iterable) -> Iterable[tuple[str, str]]:
@@ -112,8 +160,8 @@ def pack_topk(
         "num_slots": out[WEIGHTS].shape[0],
         "weights_dtype": weights_dtype.value,
         "bank_dtype": bank_dtype.value,
-        "restore_weights_dtype": str(restore_weights).removeprefix("torch."),
-        "restore_bank_dtype": str(bank.dtype).removeprefix("torch."),
+        "restore_weights_dtype": name_of(restore_weights),
+        "restore_bank_dtype": name_of(bank.dtype),
         "modules": [[m.name, m.in_features, m.out_features] for m in modules],
     }
     metadata = {METADATA_KEY: json.dumps(description, sort_keys=True, separators=(",", ":"))}
@@ -129,7 +177,7 @@ def unpack_topk(
     vector_length: int,
     topk: int,
     source: str,
-) -> tuple[list[tuple[str, int, int]], dict[str, torch.Tensor], dict[str, str]]:
+) -> tuple[list[tuple[str, int, int]], dict[str, torch.Tensor], Packing]:
     """Packed tensors -> PEFT's top-k tensors.
 
     Args:
@@ -139,9 +187,8 @@ def unpack_topk(
         source: The file, named in errors.
 
     Returns:
-        ``(modules, tensors, info)``: the module table as ``(name, in, out)``,
-        PEFT's top-k state dict, and the stored dtypes (``weights_dtype``,
-        ``bank_dtype``, ``index_bits``).
+        ``(modules, tensors, packing)``: the module table as ``(name, in, out)``,
+        PEFT's top-k state dict, and the :class:`Packing`.
 
     Raises:
         InvalidAdapterError: the metadata or a tensor does not fit the config.
@@ -213,8 +260,7 @@ def unpack_topk(
             rows, cols, topk - 1
         )  # (n, k-1) -> (rows, cols, k-1)
         slot += n
-    info = {"weights_dtype": weights_dtype.value, "bank_dtype": bank_dtype.value, "index_bits": str(bits)}
-    return modules, out, info
+    return modules, out, Packing(bits, weights_dtype, bank_dtype)
 
 
 def _fit_simplex(weights: torch.Tensor) -> torch.Tensor:
@@ -228,3 +274,67 @@ def _fit_simplex(weights: torch.Tensor) -> torch.Tensor:
     total = w.sum(-1, keepdim=True)
     w = torch.where(total >= 1, w / total * (1 - 1e-6), w)
     return w.to(weights.dtype)
+
+
+class PackedCodec(Codec):
+    """vblora_store's packed form (see the module docstring and docs/format.md).
+
+    Counted as every stored bit: the bank and weights at their stored width,
+    ``ceil(log2 N)`` bits per index, the int8 bank's float32 scales;
+    ``floor(total bits / 32)``.
+
+    Example:
+        >>> CODEC.savable_params(FormCounts(bank_params=800, slots=10, num_vectors=50, topk=2))  # 6-bit indices
+        813
+    """
+
+    label = "packed"
+    report_label = "packed form stores"
+    bytes_note = "bytes, lossless"
+    card_note = (
+        "- **packed** (vblora_store's form of the top-k data: bit-packed indices, one tensor per kind). "
+        "**Inference only**: it cannot resume training. **PEFT cannot read it directly**: convert it "
+        "first with `vblora-store convert {repo_id} {name}-topk --to topk`."
+    )
+    options = ("weights_dtype", "bank_dtype")
+
+    def detect(self, specs, metadata) -> bool:
+        return is_packed(metadata)
+
+    def decode(self, specs, reader, metadata, config, path) -> Decoded:
+        """Unpack the (small) file into PEFT's top-k tensors in memory."""
+        stored = {key: reader(key) for key in specs}
+        modules, tensors, packing = unpack_topk(
+            stored, metadata, r=config.r, num_vectors=config.num_vectors, vector_length=config.vector_length,
+            topk=config.topk, source=str(path),
+        )  # fmt: skip
+        views = {k: TensorSpec(v.dtype, tuple(v.shape)) for k, v in tensors.items()}
+        return Decoded(views, tensors.__getitem__, order=[m[0] for m in modules], packing=packing)
+
+    def encode(self, adapter, *, weights_dtype=WeightsDtype.FLOAT32, bank_dtype=BankDtype.FLOAT32, **options):
+        tensors, _ = TOPK.encode(adapter)
+        config = adapter.config
+        return pack_topk(
+            list(adapter.modules.values()), tensors, num_vectors=config.num_vectors, topk=config.topk,
+            weights_dtype=weights_dtype, bank_dtype=bank_dtype,
+        )  # fmt: skip
+
+    def savable_params(self, counts: FormCounts, packing: "Packing | None" = None) -> int:
+        packing = packing or Packing(bits_for(counts.num_vectors))
+        scale_bits = 32 * counts.num_vectors if packing.bank is BankDtype.INT8 else 0
+        bits = counts.bank_params * packing.bank_bits + scale_bits
+        bits += counts.slots * (counts.topk - 1) * packing.weights_bits
+        bits += counts.slots * counts.topk * bits_for(counts.num_vectors)
+        return bits // 32
+
+    def data_bytes(self, counts: FormCounts) -> int:
+        floats = 4 * (counts.bank_params + counts.slots * (counts.topk - 1))
+        return floats + packed_size(counts.slots * counts.topk, bits_for(counts.num_vectors))
+
+    def precision(self, packing: "Packing | None" = None) -> str:
+        if packing is None or not packing.lossy:
+            return "lossless"
+        return f"weights {packing.weights.value}, bank {packing.bank.value}"
+
+
+CODEC = PackedCodec()

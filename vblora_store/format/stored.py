@@ -1,0 +1,196 @@
+"""A stored adapter: what the file holds, validated, presented in PEFT's key names; and the value checks.
+
+:class:`StoredAdapter` is built by :mod:`.reading` only once the file's header
+has been checked against the config, and does not change after.  Whatever
+the storage form, ``specs`` and ``tensor()`` speak PEFT's key names (a packed
+adapter presents the top-k tensors it decodes to; ``stored_specs`` lists what
+the file holds).  Every value a result is computed from is read through
+:meth:`StoredAdapter.checked_tensor`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from safetensors import SafetensorError
+
+from ..config import VBLoRAConfig
+from ..dtypes import name_of
+from ..errors import InvalidAdapterError
+from ..storage_forms import StorageForm
+from .keys import BANK_KEY, parse_key
+
+__all__ = ["ModuleShape", "TensorSpec", "StoredAdapter", "check_tensor_values"]
+
+
+@dataclass(frozen=True)
+class ModuleShape:
+    """One adapted module: its name (without ``base_model.model.``) and features."""
+
+    name: str
+    in_features: int
+    out_features: int
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A stored tensor's dtype and shape, known from the file header alone."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+    def describe(self) -> str:
+        """``"float32 [4, 2, 30]"``, as messages name a tensor."""
+        return f"{name_of(self.dtype)} {list(self.shape)}"
+
+
+@dataclass(frozen=True)
+class StoredAdapter:
+    """One adapter as stored on disk: config, form, modules and lazy tensors.
+
+    Build it with :func:`~vblora_store.format.read_adapter` or
+    :func:`~vblora_store.format.read_adapters`.
+
+    Attributes:
+        folder: The folder holding the adapter's two files.
+        name: The adapter name (``default`` at a folder's root).
+        config: The parsed ``adapter_config.json``.
+        weights_path: The weights file.
+        form: Its :class:`~vblora_store.storage_forms.StorageForm` (``form.codec`` reads and writes it).
+        modules: Adapted modules in file order, by name.
+        specs: Dtype and shape of every tensor, in PEFT's key names, by key.
+        stored_specs: What the file itself holds (``specs`` but for a decoding codec).
+        packing: The form's own description of how it stores values (a packed
+            form's :class:`~vblora_store.format.codecs.packed.Packing`), or ``None``.
+    """
+
+    folder: Path
+    name: str
+    config: VBLoRAConfig
+    weights_path: Path
+    form: StorageForm
+    modules: dict[str, ModuleShape]
+    specs: dict[str, TensorSpec]
+    stored_specs: dict[str, TensorSpec]
+    packing: Optional[Any] = None
+    reader: Callable[[str], torch.Tensor] = field(default=None, repr=False, compare=False)
+
+    def __repr__(self) -> str:
+        return f"StoredAdapter({str(self.folder)!r}, name={self.name!r}, form={self.form.value})"
+
+    @property
+    def file_bytes(self) -> int:
+        """Size of the weights file in bytes."""
+        return self.weights_path.stat().st_size
+
+    @property
+    def other_keys(self) -> list[str]:
+        """Keys of tensors that are neither the bank nor logits-family (modules_to_save, biases)."""
+        return [k for k in self.specs if k != BANK_KEY and parse_key(k) is None]
+
+    def tensor(self, key: str) -> torch.Tensor:
+        """Read one tensor (PEFT's key name).
+
+        Raises:
+            InvalidAdapterError: the file cannot back the tensor its header declares.
+        """
+        try:
+            return self.reader(key)
+        except (SafetensorError, RuntimeError, OSError) as e:
+            raise InvalidAdapterError(
+                f"{self.weights_path}: tensor {key!r} cannot be read ({e}); the file is damaged, fetch it again."
+            ) from e
+
+    def checked_tensor(self, key: str) -> torch.Tensor:
+        """Read one tensor and check its values (see :func:`check_tensor_values`).
+
+        Everything that computes from an adapter reads through this: a NaN, or an
+        index outside the bank (which would silently select another vector), is
+        refused rather than used.
+
+        Raises:
+            InvalidAdapterError: naming the file and the tensor.
+        """
+        value = self.tensor(key)
+        check_tensor_values(self, key, value)
+        return value
+
+    def check_values(self) -> None:
+        """Read every tensor once and check its values: finite floats, indices in ``[0, N)``.
+
+        Raises:
+            InvalidAdapterError: naming the file and the first bad tensor.
+        """
+        for key in self.specs:
+            self.checked_tensor(key)
+
+
+def _non_finite(value: torch.Tensor, *, logits_k: Optional[int]) -> Optional[str]:
+    """What is wrong with the non-finite values of a floating ``value``, or ``None`` if nothing is.
+
+    ``aminmax`` propagates NaN and its bounds are finite only if every value is,
+    so the common case is one pass with no temporary the size of ``value``
+    (about 4x faster than ``torch.isfinite(value).all()`` on logits tensors).
+    Logits (``logits_k`` is the adapter's k) may hold ``-inf``: PEFT writes it
+    for every logit outside the top-k when it saves a top-k-loaded adapter in
+    full form; each row must keep at least k finite logits.
+    """
+    if value.numel() == 0:
+        return None
+    low, high = torch.aminmax(value)
+    if bool(torch.isfinite(low) & torch.isfinite(high)):
+        return None
+    if bool(torch.isnan(low) | torch.isnan(high)):
+        return "holds NaN values"
+    if bool(high == float("inf")):
+        return "holds +inf values"
+    if logits_k is None:
+        return "holds -inf values"
+    fewest = int(torch.isfinite(value).sum(-1).min())  # only for PEFT's -inf logits
+    if fewest < logits_k:
+        return f"has a row with {fewest} finite logits, fewer than topk={logits_k}"
+    return None
+
+
+def check_tensor_values(adapter: StoredAdapter, key: str, value: torch.Tensor) -> None:
+    """Raise :class:`InvalidAdapterError` if ``value`` (stored as ``key``) holds bad values.
+
+    Floats must be finite, except PEFT's ``-inf`` logits (at least k finite per
+    row); top-k weights a sub-simplex; indices in ``[0, N)``.
+    """
+    parts = parse_key(key)
+    if value.is_floating_point():
+        is_logits = parts is not None and parts.part == "logits"
+        problem = _non_finite(value, logits_k=adapter.config.topk if is_logits else None)
+        if problem is not None:
+            raise InvalidAdapterError(
+                f"{adapter.weights_path}: tensor {key!r} {problem}; the adapter is broken, retrain or restore it."
+            )
+        if parts is not None and parts.part == "weights":
+            if bool((value < 0).any()) or bool((value.sum(-1) > 1 + 1e-3).any()):
+                raise InvalidAdapterError(
+                    f"{adapter.weights_path}: tensor {key!r} is not a set of top-k softmax weights "
+                    "(negative, or summing above 1); the file is damaged."
+                )
+    if parts is not None and parts.part == "indices":
+        n = adapter.config.num_vectors
+        if value.numel() and (int(value.min()) < 0 or int(value.max()) >= n):
+            raise InvalidAdapterError(
+                f"{adapter.weights_path}: tensor {key!r} holds indices outside [0, {n}); "
+                "the file does not match num_vectors in its config; restore the file or its config from the "
+                "source."
+            )
