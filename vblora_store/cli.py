@@ -139,10 +139,28 @@ class _Number(click.ParamType):
         return number
 
 
-def _enum_option(flag: str, enum: type, default, help: str, *names: str):
-    """A ``--flag`` choosing one member of a ``str`` Enum by value, with its default shown."""
-    choices = click.Choice([m.value for m in enum])
-    return click.option(flag, *names, type=choices, default=default.value, show_default=True, help=help)
+class _Choice(click.Choice):
+    """A choice among the members of a ``str`` Enum or registry, read when used (forms registered later count)."""
+
+    def __init__(self, members, keep=lambda member: True):
+        self._members, self._keep = members, keep
+        super().__init__([])
+
+    @property
+    def choices(self):
+        return [m.value for m in self._members if self._keep(m)]
+
+    @choices.setter
+    def choices(self, value):  # click.Choice.__init__ assigns it
+        pass
+
+
+def _enum_option(flag: str, enum, default, help: str, *names: str, keep=lambda member: True):
+    """A ``--flag`` choosing one member of a ``str`` Enum (or the storage forms) by value, default shown."""
+    default = None if default is None else default.value
+    return click.option(
+        flag, *names, type=_Choice(enum, keep), default=default, show_default=default is not None, help=help
+    )
 
 
 @main.command("inspect")
@@ -313,10 +331,12 @@ def verify_cmd(a: str, b: str, tol: float, fmt: str) -> None:
 @main.command("push")
 @click.argument("path", type=click.Path(path_type=str))
 @click.argument("repo_id")
-@click.option(
+@_enum_option(
     "--to",
-    type=click.Choice([StorageForm.TOPK.value, StorageForm.PACKED.value]),
-    help="Convert first, in a temporary folder (PATH is only read)  [default: push as stored]",
+    StorageForm,
+    None,
+    "Convert first, in a temporary folder (PATH is only read)  [default: push as stored]",
+    keep=lambda form: not form.has_logits,
 )
 @click.option(
     "--private", is_flag=True, help="Create the repo private (an existing repo keeps its visibility)."
