@@ -246,3 +246,27 @@ def test_markdown_report_of_several_folders_names_each_folder(single_copy, multi
         "report", single_copy, "--format", "markdown"
     ).stdout  # one folder: no path (model cards)
     assert str(single_copy) not in single
+
+
+def test_training_from_dropped_logits_is_refused_like_peft(minus_inf_adapter):
+    from vblora_store.errors import AdapterStateError
+
+    base, tmp = minus_inf_adapter
+    with pytest.raises(AdapterStateError, match="-inf logits.*cannot be trained"):
+        VBLoRAModel.from_pretrained(copy.deepcopy(base), tmp / "full", is_trainable=True)
+    VBLoRAModel.from_pretrained(copy.deepcopy(base), tmp / "full")  # inference: fine
+
+
+def test_engine_saves_get_the_umask_s_modes(tmp_path):
+    import os
+    import stat
+
+    from conftest_engine import twins
+
+    _, model = twins(tiny_llama(), target_modules=["q_proj"])
+    previous = os.umask(0o022)
+    try:
+        model.save_pretrained(tmp_path / "out")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "out" / "adapter_model.safetensors").stat().st_mode) == 0o644

@@ -68,6 +68,20 @@ def _as_config(config: Any) -> VBLoRAConfig:
     return VBLoRAConfig.from_dict(plain, source=f"config ({type(config).__name__})")
 
 
+def _refuse_dropped_logits(stored: StoredAdapter) -> None:
+    """Refuse training from ``-inf`` logits (as PEFT's training does): the dropped ones can never come back."""
+    from ..format.keys import parse_key
+
+    for key in stored.specs:
+        parts = parse_key(key)
+        if parts is not None and parts.part == "logits" and bool(torch.isneginf(stored.tensor(key)).any()):
+            raise AdapterStateError(
+                f"{stored.folder}: tensor {key!r} holds -inf logits (PEFT's full save of an adapter loaded from "
+                "top-k form): the dropped logits can never re-enter the top-k, so it cannot be trained. Load it "
+                "with is_trainable=False, or train from the original full adapter."
+            )
+
+
 class VBLoRAModel(nn.Module):
     """A model with VB-LoRA adapters; PEFT's ``PeftModel`` API for VB-LoRA.
 
@@ -209,6 +223,8 @@ class VBLoRAModel(nn.Module):
                 "top-k weights but not the logits, so it cannot be trained. Load it with "
                 "is_trainable=False, or train from the full-form adapter."
             )
+        if is_trainable and stored.form.has_logits:
+            _refuse_dropped_logits(stored)
         if adapter_name in tuner._placeholders:
             tuner.forget(adapter_name)
         tuner.inject(

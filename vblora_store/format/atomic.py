@@ -23,7 +23,14 @@ from typing import Iterator, Optional, Union
 
 from ..errors import DestinationExistsError, VBLoRAStoreError, WriteError, os_problem
 
-__all__ = ["TMP_PREFIX", "check_destination", "atomic_folder", "atomic_file", "remove_stale_temps"]
+__all__ = [
+    "TMP_PREFIX",
+    "check_destination",
+    "atomic_folder",
+    "atomic_file",
+    "remove_stale_temps",
+    "plain_file_mode",
+]
 
 TMP_PREFIX = ".vblora-store-tmp-"
 # <prefix><destination name>-<pid>-<tempfile's 8 random characters>; the name may hold "-" itself.
@@ -184,6 +191,11 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def plain_file_mode() -> int:
+    """The mode a plain ``open`` gives a new file under the current umask (0644 under 022)."""
+    return 0o666 & ~_umask()
 
 
 def _default_modes(folder: Path) -> None:

@@ -8,6 +8,7 @@ and ``convert`` are the edges that touch the disk.
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 from typing import Optional, Union
 
@@ -18,7 +19,7 @@ from ..choices import BankDtype, WeightsDtype
 from ..config import VBLoRAConfig
 from ..errors import UnsupportedConversionError
 from ..storage_forms import StorageForm
-from .atomic import atomic_folder, check_destination
+from .atomic import atomic_folder, check_destination, plain_file_mode
 from .keys import WEIGHTS_NAME, WEIGHTS_NAME_BIN
 from .reading import read_adapters
 from .stored import StoredAdapter
@@ -88,10 +89,12 @@ def write_adapter(
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(folder)
+    weights = folder / (WEIGHTS_NAME if safe_serialization else WEIGHTS_NAME_BIN)
     if safe_serialization:
-        save_file(tensors, str(folder / WEIGHTS_NAME), metadata=metadata or SAFETENSORS_METADATA)
+        save_file(tensors, str(weights), metadata=metadata or SAFETENSORS_METADATA)
     else:
-        torch.save(tensors, str(folder / WEIGHTS_NAME_BIN))
+        torch.save(tensors, str(weights))
+    os.chmod(weights, plain_file_mode())  # safetensors writes 0600; every file gets the umask's mode
 
 
 def convert(
