@@ -26,7 +26,7 @@ from .format.atomic import atomic_folder, check_destination
 from .format.conversion import SAFETENSORS_METADATA
 from .format.keys import MODEL_PREFIX, WEIGHTS_NAME
 from .format import StoredAdapter, read_adapters
-from .verify import module_factors
+from .factors import module_factors
 
 __all__ = ["LORA_PEFT_TYPE", "lora_key", "lora_config", "lora_tensors", "export_lora"]
 

@@ -33,7 +33,7 @@ from .errors import InvalidCheckpointError, TargetingError
 from .format.atomic import atomic_folder, check_destination
 from .format.keys import MODEL_PREFIX
 from .format import StoredAdapter, read_adapter
-from .verify import module_factors
+from .factors import module_factors
 
 __all__ = ["MergeDtype", "MergePlan", "MergeSummary", "resolve_key", "plan_merge", "merged_weight", "merge"]
 

@@ -15,7 +15,7 @@ import torch
 
 from .errors import VBLoRAStoreError
 from .format.atomic import atomic_file
-from .format.keys import indices_key, logits_key
+from .factors import module_topk
 from .format.stored import StoredAdapter
 
 __all__ = ["BankUsage", "bank_usage", "plot_usage"]
@@ -50,14 +50,11 @@ def bank_usage(adapter: StoredAdapter) -> BankUsage:
         >>> bank_usage(read_adapters("fixtures/tiny-llama-vblora")[0]).unused  # doctest: +SKIP
         []
     """
-    n, k = adapter.config.num_vectors, adapter.config.topk
+    n = adapter.config.num_vectors
     counts = torch.zeros(n, dtype=torch.int64)
     for module in adapter.modules:
-        for side in ("A", "B"):
-            if adapter.form.has_logits:
-                indices = adapter.tensor(logits_key(module, side)).topk(k).indices  # (..., N) -> (..., k)
-            else:
-                indices = adapter.checked_tensor(indices_key(module, side))  # bincount allocates max + 1
+        selected = module_topk(adapter, module)  # checked: bincount allocates max + 1
+        for indices in (selected.a_indices, selected.b_indices):
             counts += torch.bincount(indices.reshape(-1).long(), minlength=n)  # (..., k) -> (slots·k,)
     return BankUsage(f"{adapter.folder} [{adapter.name}]", counts)
 

@@ -16,11 +16,10 @@ from typing import Iterator, Optional
 import torch
 
 from .errors import InvalidAdapterError
-from .format.keys import BANK_KEY, indices_key, logits_key, weights_key
 from .format.stored import StoredAdapter
-from .topk import complete_weights, lora_factors, mix_weights
+from .factors import module_factors
 
-__all__ = ["ModuleError", "Verification", "module_factors", "verify_adapters", "render"]
+__all__ = ["ModuleError", "Verification", "verify_adapters", "render"]
 
 
 @dataclass(frozen=True)
@@ -46,38 +45,6 @@ class Verification:
     @property
     def max_rel_error(self) -> float:
         return max((m.rel_error for m in self.modules), default=0.0)
-
-
-def module_factors(
-    adapter: StoredAdapter, modules: Optional[list[str]] = None, *, dtype: torch.dtype = torch.float64
-) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
-    """Yield ``(module, A (r, in), B (out, r))`` for the modules of ``adapter``.
-
-    Args:
-        adapter: Any stored form.
-        modules: Module names, in the order wanted; all of the adapter's by default.
-        dtype: The dtype to compute in.
-
-    Returns:
-        An iterator; one module's tensors are read at a time, and their values checked.
-
-    Raises:
-        InvalidAdapterError: a stored value is bad (NaN, index out of range).
-    """
-    bank = adapter.checked_tensor(BANK_KEY).to(dtype)
-    k = adapter.config.topk
-    for module in adapter.modules if modules is None else modules:
-        sides = []
-        for side in ("A", "B"):
-            if adapter.form.has_logits:
-                sides += mix_weights(adapter.checked_tensor(logits_key(module, side)).to(dtype), k)
-            else:
-                indices = adapter.checked_tensor(indices_key(module, side))
-                sides += [
-                    indices,
-                    complete_weights(adapter.checked_tensor(weights_key(module, side)).to(dtype)),
-                ]
-        yield (module, *lora_factors(*sides, bank))
 
 
 def verify_adapters(reference: StoredAdapter, candidate: StoredAdapter) -> Verification:

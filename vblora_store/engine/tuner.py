@@ -19,7 +19,9 @@ from torch import nn
 
 from ..config import VBLoRAConfig
 from ..errors import AdapterStateError, TargetingError
-from ..format.keys import BANK_KEY, StorageForm, indices_key, logits_key, weights_key
+from ..factors import module_sides
+from ..format.keys import BANK_KEY
+from ..storage_forms import StorageForm
 from ..format.stored import StoredAdapter
 from .cache import FactorCache
 from .layer import VBLoRALinear, check_fits, layer_features
@@ -176,8 +178,9 @@ class VBLoRATuner(nn.Module):
     ) -> None:
         """Add ``adapter`` to every planned layer, its bank, its ``modules_to_save`` copies."""
 
-        def read(key: str) -> torch.Tensor:  # every value checked, half precision widened when asked
-            value = stored.checked_tensor(key)
+        def widen(
+            value: torch.Tensor,
+        ) -> torch.Tensor:  # half precision as float32, when asked (PEFT's autocast)
             return value.float() if autocast and value.dtype in (torch.float16, torch.bfloat16) else value
 
         self.peft_config[adapter] = config
@@ -199,11 +202,11 @@ class VBLoRATuner(nn.Module):
                     bank.uniform_(-bound, bound)  # PEFT redraws the bank per module; the last draw is kept
                 module.add_full(adapter, config, device="meta" if meta else target)
             elif stored.form.has_logits:
-                module.add_full(adapter, config, *[read(logits_key(name, side)).to(target) for side in "AB"])
+                sides = module_sides(stored, name)  # the one door: checked reads
+                module.add_full(adapter, config, *[widen(sides[side][0]).to(target) for side in "AB"])
             else:
-                a_idx, a_w, b_idx, b_w = [
-                    read(key(name, s)) for s in "AB" for key in (indices_key, weights_key)
-                ]
+                sides = module_sides(stored, name)
+                (a_idx, a_w), (b_idx, b_w) = [(i, widen(w)) for i, w in (sides["A"], sides["B"])]
                 where = TopKSlice(start, tuple(a_idx.shape[:2]), tuple(b_idx.shape[:2]))
                 for part in (a_idx, b_idx):
                     topk_indices.append(part.reshape(-1, part.shape[-1]))  # (rows, cols, k) -> (slots, k)
@@ -215,7 +218,7 @@ class VBLoRATuner(nn.Module):
                 self.targeted_module_names.append(name)
         device = plan[0][1].weight.device if device is None else device
         if stored is not None:
-            bank = read(BANK_KEY)
+            bank = widen(stored.checked_tensor(BANK_KEY))
         if topk_indices:
             self.vblora_topk[adapter] = TopKTensors(
                 torch.cat(topk_indices).to(device), torch.cat(topk_weights).to(device)

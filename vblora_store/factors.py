@@ -1,0 +1,96 @@
+"""A stored adapter's modules, read through one door: the stored sides, the top-k selection, the factors.
+
+Every consumer of a stored adapter's modules comes here, so each reads
+through the checked reads and a full adapter is always reduced to its top-k
+as PEFT's forward reduces it:
+
+* :func:`module_sides`: each side's tensors as stored (logits, or top-k
+  indices and weights); the engine loads these;
+* :func:`module_topk`: indices and *complete* weights ``(..., k)`` of both
+  sides (a full adapter's top-k of its logits and their softmax); bank usage;
+* :func:`module_factors`: the dense factors A ``(r, in)`` and B ``(out, r)``;
+  verify, export and merge.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, NamedTuple, Optional
+
+import torch
+
+from .format.keys import BANK_KEY, indices_key, logits_key, weights_key
+from .format.stored import StoredAdapter
+from .topk import complete_weights, lora_factors, mix_weights
+
+__all__ = ["ModuleTopK", "module_sides", "module_topk", "module_factors"]
+
+SIDES = ("A", "B")
+
+
+class ModuleTopK(NamedTuple):
+    """Both sides of one module as top-k selections: ``(r, in/L, k)`` for A, ``(out/L, r, k)`` for B."""
+
+    a_indices: torch.Tensor
+    a_weights: torch.Tensor  # complete: summing to one
+    b_indices: torch.Tensor
+    b_weights: torch.Tensor
+
+
+def module_sides(adapter: StoredAdapter, module: str) -> dict[str, tuple[torch.Tensor, ...]]:
+    """Each side's stored tensors, values checked: ``(logits,)`` or ``(indices, weights)`` by side.
+
+    Raises:
+        InvalidAdapterError: a stored value is bad (NaN, an index outside the bank).
+    """
+    if adapter.form.has_logits:
+        return {side: (adapter.checked_tensor(logits_key(module, side)),) for side in SIDES}
+    return {
+        side: (
+            adapter.checked_tensor(indices_key(module, side)),
+            adapter.checked_tensor(weights_key(module, side)),
+        )
+        for side in SIDES
+    }
+
+
+def module_topk(adapter: StoredAdapter, module: str, *, dtype: torch.dtype = torch.float32) -> ModuleTopK:
+    """Both sides of ``module`` as indices and complete weights, in ``dtype``.
+
+    A full adapter's are the top-k of its logits and their softmax, as PEFT's
+    forward computes them; a top-k adapter's last weight is recovered as ``1 - sum``.
+    """
+    parts = []
+    k = adapter.config.topk
+    for stored in module_sides(adapter, module).values():
+        if len(stored) == 1:
+            parts += mix_weights(stored[0].to(dtype), k)  # (..., N) -> (..., k) twice
+        else:
+            parts += [stored[0], complete_weights(stored[1].to(dtype))]  # (..., k-1) -> (..., k)
+    return ModuleTopK(*parts)
+
+
+def module_factors(
+    adapter: StoredAdapter, modules: Optional[list[str]] = None, *, dtype: torch.dtype = torch.float64
+) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+    """Yield ``(module, A (r, in), B (out, r))`` for the modules of ``adapter``, composed in ``dtype``.
+
+    Args:
+        adapter: Any stored form.
+        modules: Module names, in the order wanted; all of the adapter's by default.
+        dtype: The dtype to compute in.
+
+    Returns:
+        An iterator; one module's tensors are read at a time, and their values checked.
+
+    Raises:
+        InvalidAdapterError: a stored value is bad (NaN, index out of range).
+
+    Example:
+        >>> from vblora_store.format import read_adapter
+        >>> name, a, b = next(module_factors(read_adapter("fixtures/tiny-llama-vblora")))
+        >>> name, tuple(a.shape), tuple(b.shape)
+        ('model.layers.0.self_attn.q_proj', (4, 64), (64, 4))
+    """
+    bank = adapter.checked_tensor(BANK_KEY).to(dtype)
+    for module in adapter.modules if modules is None else modules:
+        yield (module, *lora_factors(*module_topk(adapter, module, dtype=dtype), bank))
