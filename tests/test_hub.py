@@ -347,3 +347,18 @@ def test_model_push_to_hub_uploads_the_adapter_not_the_base_model(hub, tmp_path)
     assert torch.allclose(logits(again, inputs()), logits(model.eval(), inputs()), atol=1e-5)
     with pytest.raises(TypeError, match="unsupported argument"):
         model.push_to_hub("acme/engine", safe_merge=True)
+
+
+def test_the_python_functions_take_repo_ids_through_the_one_source_door(hub, tmp_path):
+    from vblora_store import export_lora, merge
+
+    _push(str(MULTI_FIXTURE), "acme/py", "--revision", "v2")
+    assert [a.name for a in read_adapters("acme/py", revision="v2")] == ["default", "second"]
+    assert [a.name for a in read_adapters("acme/py", revision="v2", subfolder="second")] == ["default"]
+    convert("acme/py", tmp_path / "topk", to="topk", revision="v2")
+    convert(MULTI_FIXTURE, tmp_path / "topk-local", to="topk")
+    assert snapshot(tmp_path / "topk") == snapshot(tmp_path / "topk-local")
+    export_lora("acme/py", tmp_path / "lora", revision="v2")
+    assert (tmp_path / "lora" / "second" / "adapter_model.safetensors").is_file()
+    with pytest.raises(Exception, match="acme/py"):
+        merge(tmp_path / "no-base", "acme/py", tmp_path / "merged", revision="nope")

@@ -270,3 +270,13 @@ def test_engine_saves_get_the_umask_s_modes(tmp_path):
     finally:
         os.umask(previous)
     assert stat.S_IMODE((tmp_path / "out" / "adapter_model.safetensors").stat().st_mode) == 0o644
+
+
+def test_package_exports_stay_functions_after_their_submodules_load():
+    import vblora_store
+    import vblora_store.merge  # noqa: F401  (the submodule of the same name)
+
+    assert callable(vblora_store.merge) and vblora_store.merge.__name__ == "merge"
+    assert sorted(set(vblora_store.__all__)) == sorted(vblora_store.__all__)
+    for name in vblora_store.__all__:
+        assert getattr(vblora_store, name) is not None

@@ -8,6 +8,8 @@ convert`` works as usual.
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import Any
 
 #: Where each public name lives.
@@ -61,6 +63,23 @@ __all__ = [
     "verify_adapters",
     "WriteError",
 ]
+
+
+class _Package(types.ModuleType):
+    """Keeps ``vblora_store.merge`` the function once the submodule of that name is imported.
+
+    Importing ``vblora_store.merge`` (the module) sets the package attribute
+    ``merge`` to it; the function is what this package exports under that name,
+    as it did when its exports were imported eagerly.
+    """
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if isinstance(value, types.ModuleType) and _HOMES.get(name) == name:
+            value = getattr(value, name, value)  # the submodule "merge" holds the function "merge"
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 def __getattr__(name: str) -> Any:

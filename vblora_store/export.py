@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Iterator, Union
+from typing import Any, Iterator, Optional, Union
 
 import torch
 from safetensors.torch import save_file
@@ -27,6 +27,7 @@ from .format.conversion import SAFETENSORS_METADATA
 from .format.keys import MODEL_PREFIX, WEIGHTS_NAME
 from .format import StoredAdapter, read_adapters
 from .factors import module_factors
+from .hub.sources import resolve_source
 
 __all__ = ["LORA_PEFT_TYPE", "lora_key", "lora_config", "lora_tensors", "export_lora"]
 
@@ -116,7 +117,14 @@ def lora_tensors(adapter: StoredAdapter) -> Iterator[tuple[str, torch.Tensor]]:
         yield key, adapter.checked_tensor(key)
 
 
-def export_lora(src: Union[str, Path], dst: Union[str, Path], *, force: bool = False) -> list[StoredAdapter]:
+def export_lora(
+    src: Union[str, Path],
+    dst: Union[str, Path],
+    *,
+    force: bool = False,
+    revision: Optional[str] = None,
+    subfolder: Optional[str] = None,
+) -> list[StoredAdapter]:
     """Write every adapter of the folder ``src`` as a PEFT LoRA adapter into ``dst``, atomically.
 
     The layout is kept (``default`` at the root, other adapters in
@@ -124,9 +132,10 @@ def export_lora(src: Union[str, Path], dst: Union[str, Path], *, force: bool = F
     indices in range); nothing appears at ``dst`` unless every adapter exported.
 
     Args:
-        src: A PEFT VB-LoRA adapter folder, any form (full, top-k, packed).
+        src: A PEFT VB-LoRA adapter folder, any form (full, top-k, packed), or a Hub repo id.
         dst: The folder to create.
         force: Replace ``dst`` if it exists.
+        revision, subfolder: Of a repo id (or a sub-folder of a local ``src``).
 
     Returns:
         The adapters as read from ``src``.
@@ -140,7 +149,7 @@ def export_lora(src: Union[str, Path], dst: Union[str, Path], *, force: bool = F
         >>> export_lora("fixtures/tiny-llama-vblora", "/tmp/lora")  # doctest: +SKIP
         >>> PeftModel.from_pretrained(base, "/tmp/lora")  # doctest: +SKIP
     """
-    src = Path(src)
+    src = resolve_source(src, revision=revision, subfolder=subfolder)
     check_destination(dst, force=force, sources=(src,))
     adapters = read_adapters(src)
     with atomic_folder(dst, force=force) as work:

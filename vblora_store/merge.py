@@ -34,6 +34,7 @@ from .format.atomic import atomic_folder, check_destination
 from .format.keys import MODEL_PREFIX
 from .format import StoredAdapter, read_adapter
 from .factors import module_factors
+from .hub.sources import resolve_source
 
 __all__ = ["MergeDtype", "MergePlan", "MergeSummary", "resolve_key", "plan_merge", "merged_weight", "merge"]
 
@@ -243,6 +244,8 @@ def merge(
     *,
     dtype: Union[MergeDtype, str] = MergeDtype.AUTO,
     force: bool = False,
+    revision: Optional[str] = None,
+    subfolder: Optional[str] = None,
 ) -> MergeSummary:
     """Write ``base_dir`` with the adapter at ``adapter_path`` merged into ``out``, atomically.
 
@@ -254,11 +257,12 @@ def merge(
 
     Args:
         base_dir: The base model's checkpoint folder (``save_pretrained``).
-        adapter_path: The folder of one VB-LoRA adapter, any form (in a
+        adapter_path: The folder of one VB-LoRA adapter, any form, or a Hub repo id (in a
             multi-adapter folder, the root is ``default``, a sub-folder its adapter).
         out: The folder to create.
         dtype: The merged floating tensors' dtype; ``auto`` keeps each as in the base.
         force: Replace ``out`` if it exists.
+        revision, subfolder: Of ``adapter_path`` when it is a Hub repo id.
 
     Returns:
         A :class:`MergeSummary`.
@@ -273,7 +277,8 @@ def merge(
     Example:
         >>> merge("llama-base", "fixtures/tiny-llama-vblora", "merged", dtype="bfloat16")  # doctest: +SKIP
     """
-    base_dir, adapter_path, dtype = Path(base_dir), Path(adapter_path), MergeDtype(dtype)
+    base_dir, dtype = Path(base_dir), MergeDtype(dtype)
+    adapter_path = resolve_source(adapter_path, revision=revision, subfolder=subfolder, nested=False)
     check_destination(out, force=force, sources=(base_dir, adapter_path))
     checkpoint = read_checkpoint(base_dir)
     adapter = read_adapter(adapter_path)

@@ -21,6 +21,7 @@ from ..errors import UnsupportedConversionError
 from ..storage_forms import StorageForm
 from .atomic import atomic_folder, check_destination, plain_file_mode
 from .keys import WEIGHTS_NAME, WEIGHTS_NAME_BIN
+from ..hub.sources import resolve_source
 from .reading import read_adapters
 from .stored import StoredAdapter
 
@@ -105,6 +106,8 @@ def convert(
     force: bool = False,
     weights_dtype: Union[WeightsDtype, str] = WeightsDtype.FLOAT32,
     bank_dtype: Union[BankDtype, str] = BankDtype.FLOAT32,
+    revision: Optional[str] = None,
+    subfolder: Optional[str] = None,
 ) -> list[StoredAdapter]:
     """Convert every adapter of the folder ``src`` into ``dst``, atomically.
 
@@ -112,12 +115,13 @@ def convert(
     Nothing appears at ``dst`` unless every adapter converted; ``src`` is only read.
 
     Args:
-        src: A PEFT adapter folder.
+        src: A PEFT adapter folder, or a Hub repo id (``namespace/name``).
         dst: The folder to create.
         to: Target form (``"topk"``, ``"packed"`` or ``"full"``).
         force: Replace ``dst`` if it exists.
         weights_dtype: Packed form only: ``float32`` (lossless), ``float16``, ``bfloat16``.
         bank_dtype: Packed form only: ``float32`` (lossless), ``float16``, ``bfloat16``, ``int8``.
+        revision, subfolder: Of a repo id (or a sub-folder of a local ``src``).
 
     Returns:
         The adapters as read from ``src``.
@@ -125,7 +129,7 @@ def convert(
     Example:
         >>> convert("fixtures/tiny-llama-vblora", "/tmp/packed", to="packed")  # doctest: +SKIP
     """
-    src = Path(src)
+    src = resolve_source(src, revision=revision, subfolder=subfolder)
     check_destination(dst, force=force, sources=(src,))
     adapters = read_adapters(src)
     with atomic_folder(dst, force=force) as work:

@@ -20,6 +20,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from ..choices import StorageForm
+from ..folders import WEIGHTS_NAME, WEIGHTS_NAME_BIN
 
 __all__ = [
     "StorageForm",
@@ -37,8 +38,6 @@ __all__ = [
 
 BANK_KEY = "base_model.vblora_vector_bank"
 MODEL_PREFIX = "base_model.model."
-WEIGHTS_NAME = "adapter_model.safetensors"
-WEIGHTS_NAME_BIN = "adapter_model.bin"
 
 _KEY = re.compile(r"^(?P<prefix>.+)\.vblora_logits_(?P<side>[AB])(?P<suffix>_topk_indices|_topk_weights)?$")
 _PART_OF_SUFFIX = {None: "logits", "_topk_indices": "indices", "_topk_weights": "weights"}

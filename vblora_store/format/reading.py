@@ -25,10 +25,12 @@ from safetensors import SafetensorError, safe_open
 from ..config import CONFIG_NAME, VBLoRAConfig
 from ..dtypes import DTYPES
 from ..errors import AdapterNotFoundError, InvalidAdapterError, InvalidConfigError
+from ..folders import find_adapter_folders
+from ..hub.sources import resolve_source
 from ..storage_forms import StorageForm
 from .keys import WEIGHTS_NAME, WEIGHTS_NAME_BIN
 from .layout import validate_layout
-from .safety import check_link, check_zip_sizes, is_within
+from .safety import check_link, check_zip_sizes
 from .stored import StoredAdapter, TensorSpec
 
 __all__ = ["find_adapter_folders", "read_adapters", "read_adapter"]
@@ -40,51 +42,26 @@ _DTYPES = {
 }
 
 
-def find_adapter_folders(path: Union[str, Path]) -> list[tuple[str, Path]]:
-    """The ``(adapter_name, folder)`` pairs PEFT's layout puts under ``path``.
-
-    The root is ``default``; each immediate sub-folder with an
-    ``adapter_config.json`` is the adapter of that name.  Hidden sub-folders,
-    and sub-folders that are symbolic links leading outside ``path``, are skipped.
-
-    Raises:
-        AdapterNotFoundError: ``path`` is missing or holds no adapter.
-    """
-    root = Path(path)
-    if not root.exists():
-        raise AdapterNotFoundError(f"{root}: no such file or folder; check the path.")
-    if not root.is_dir():
-        raise AdapterNotFoundError(f"{root}: not a folder; pass the adapter folder that holds {CONFIG_NAME}.")
-    found = []
-    if (root / CONFIG_NAME).is_file():
-        found.append(("default", root))
-    for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        if sub.is_symlink() and not is_within(sub.resolve(), root.resolve()):
-            continue
-        if (sub / CONFIG_NAME).is_file():
-            found.append((sub.name, sub))
-    if not found:
-        raise AdapterNotFoundError(
-            f"{root}: no {CONFIG_NAME} here or in its sub-folders; point at a folder written by "
-            "PEFT's save_pretrained."
-        )
-    return found
-
-
-def read_adapters(path: Union[str, Path]) -> list[StoredAdapter]:
+def read_adapters(
+    path: Union[str, Path], *, revision: Optional[str] = None, subfolder: Optional[str] = None
+) -> list[StoredAdapter]:
     """Read every adapter under ``path`` (the root's ``default`` and each sub-folder's).
 
     Args:
-        path: A PEFT adapter folder.
+        path: A PEFT adapter folder, or a Hub repo id (``namespace/name``; a
+            local path that exists wins).
+        revision: Branch, tag or commit of a repo.
+        subfolder: The folder, inside the repo or the local folder, that holds the adapters.
 
     Returns:
         The adapters, ``default`` first, then the others by name.
 
     Example:
-        >>> [a.name for a in read_adapters("fixtures/tiny-llama-vblora-full")]  # doctest: +SKIP
+        >>> [a.name for a in read_adapters("fixtures/tiny-llama-vblora-multi")]
         ['default', 'second']
     """
-    return [read_adapter(folder, name=name) for name, folder in find_adapter_folders(path)]
+    root = resolve_source(path, revision=revision, subfolder=subfolder)
+    return [read_adapter(folder, name=name) for name, folder in find_adapter_folders(root)]
 
 
 def read_adapter(

@@ -12,13 +12,9 @@ import zipfile
 from pathlib import Path
 
 from ..errors import AdapterNotFoundError, InvalidAdapterError, UnsafePathError
+from ..folders import is_within
 
-__all__ = ["is_within", "check_link", "check_zip_sizes"]
-
-
-def is_within(target: Path, folder: Path) -> bool:
-    """Whether the resolved ``target`` is ``folder`` or lies under it."""
-    return target == folder or folder in target.parents
+__all__ = ["check_link", "check_zip_sizes"]
 
 
 def check_link(file: Path, folder: Path) -> None:

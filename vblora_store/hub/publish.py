@@ -1,0 +1,99 @@
+"""Publishing: upload adapters to the Hub in one commit, with their model card.
+
+The repo is created if missing; every value is checked before anything is
+sent; the commit holds exactly ``README.md`` and each adapter's two files, in
+PEFT's layout.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Optional, Union
+
+from ..errors import HubAuthError, InvalidRepoIdError
+from ..folders import CONFIG_NAME
+from ..format import StorageForm, convert, read_adapters
+from ..format.atomic import TMP_PREFIX
+from .card import model_card
+from .sources import describe_repo, hub_errors, is_repo_id
+
+__all__ = ["push"]
+
+
+def push(
+    path: Union[str, Path],
+    repo_id: str,
+    *,
+    to: Optional[Union[StorageForm, str]] = None,
+    private: bool = False,
+    revision: Optional[str] = None,
+    commit_message: Optional[str] = None,
+    create_pr: bool = False,
+) -> str:
+    """Upload the adapters in ``path`` to ``repo_id`` in one commit, with a model card.
+
+    The commit holds exactly ``README.md`` (from :func:`model_card`) and each
+    adapter's ``adapter_config.json`` and weights file, in the folder's layout.
+    The repo is created if missing; every value is checked before anything is sent.
+
+    Args:
+        path: A local adapter folder.
+        repo_id: ``namespace/name``.
+        to: Convert to this form first (``"topk"`` or ``"packed"``), in a
+            temporary folder; ``path`` is only read.
+        private: Create the repo private (an existing repo keeps its visibility).
+        revision: The branch to commit to (created from main if missing).
+        commit_message: Defaults to one naming the adapters' forms.
+        create_pr: Open a pull request instead of committing to the branch.
+
+    Returns:
+        The URL of the commit, or of the pull request.
+
+    Raises:
+        InvalidRepoIdError: ``repo_id`` is not ``namespace/name``.
+        HubAuthError: no token, or one the Hub rejected or that may not write there.
+        HubConnectionError: the Hub cannot be reached.
+
+    Example:
+        >>> push("runs/my-adapter", "acme/my-adapter", to="packed")  # doctest: +SKIP
+        'https://huggingface.co/acme/my-adapter/commit/...'
+    """
+    if not is_repo_id(repo_id):
+        raise InvalidRepoIdError(
+            f"{repo_id}: not a Hub repo id; use namespace/name, such as your-user/{Path(path).name}."
+        )
+    from huggingface_hub import CommitOperationAdd, HfApi, get_token
+
+    if get_token() is None:
+        raise HubAuthError(
+            f"{repo_id}: no Hub token found; set HF_TOKEN or run `hf auth login` with a token that can write "
+            f"to {repo_id.split('/')[0]}."
+        )
+    with tempfile.TemporaryDirectory(prefix=TMP_PREFIX) as work:
+        source = Path(path)
+        if to is not None:
+            source = Path(work) / "adapter"
+            convert(path, source, to=to)  # checks every value as it converts
+        adapters = read_adapters(source)
+        if to is None:
+            for adapter in adapters:
+                adapter.check_values()
+        operations = [CommitOperationAdd("README.md", model_card(adapters, repo_id=repo_id).encode())]
+        for adapter in adapters:
+            for file in (adapter.folder / CONFIG_NAME, adapter.weights_path):
+                operations.append(CommitOperationAdd(file.relative_to(source).as_posix(), str(file)))
+        forms = ", ".join(sorted({a.form.value for a in adapters}))
+        api = HfApi()
+        with hub_errors(describe_repo(repo_id, revision)):
+            api.create_repo(repo_id, private=private or None, exist_ok=True)
+            if revision not in (None, "main"):
+                api.create_branch(repo_id, branch=revision, exist_ok=True)
+            info = api.create_commit(
+                repo_id,
+                operations,
+                commit_message=commit_message or f"Upload VB-LoRA adapters ({forms} form) with vblora-store",
+                revision=revision,
+                create_pr=create_pr,
+            )
+    return info.pr_url or info.commit_url
