@@ -100,7 +100,7 @@ def _sources(*names: str):
     def decorate(command):
         @functools.wraps(command)
         def wrapper(*args, revision: Optional[str], subfolder: Optional[str], **kwargs):
-            from .hub.sources import resolve_source
+            from .sources import resolve_source
 
             resolve = functools.partial(resolve_source, revision=revision, subfolder=subfolder)
             for name in names:

@@ -27,7 +27,7 @@ from .format.conversion import SAFETENSORS_METADATA
 from .format.keys import MODEL_PREFIX, WEIGHTS_NAME
 from .format import StoredAdapter, read_adapters
 from .factors import module_factors
-from .hub.sources import resolve_source
+from .sources import resolve_source
 
 __all__ = ["LORA_PEFT_TYPE", "lora_key", "lora_config", "lora_tensors", "export_lora"]
 

@@ -34,7 +34,7 @@ from .format.atomic import atomic_folder, check_destination
 from .format.keys import MODEL_PREFIX
 from .format import StoredAdapter, read_adapter
 from .factors import module_factors
-from .hub.sources import resolve_source
+from .sources import resolve_source
 
 __all__ = ["MergeDtype", "MergePlan", "MergeSummary", "resolve_key", "plan_merge", "merged_weight", "merge"]
 

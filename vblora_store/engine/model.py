@@ -23,7 +23,7 @@ from torch import nn
 from ..config import VBLoRAConfig
 from ..errors import AdapterStateError
 from ..format import StoredAdapter, read_adapter
-from ..hub.sources import resolve_source
+from ..sources import resolve_source
 from .saving import save_adapter, write_model_card
 from .serving import close_route, generate_multiples, open_route, routing
 from .state import savable_parameter_counts

@@ -21,7 +21,7 @@ from ..errors import UnsupportedConversionError
 from ..storage_forms import StorageForm
 from .atomic import atomic_folder, check_destination, plain_file_mode
 from .keys import WEIGHTS_NAME, WEIGHTS_NAME_BIN
-from ..hub.sources import resolve_source
+from ..sources import resolve_source
 from .reading import read_adapters
 from .stored import StoredAdapter
 

@@ -10,7 +10,7 @@ tensor's dtype and shape is checked against the config (:mod:`.layout`)
 before a :class:`StoredAdapter` exists.  Files come from strangers: links and
 pickles are checked first (:mod:`.safety`).
 
-A path may also be a Hub repo id (``namespace/name``): :mod:`vblora_store.hub.sources`
+A path may also be a Hub repo id (``namespace/name``): :mod:`vblora_store.sources`
 downloads its adapter files first.
 """
 
@@ -26,7 +26,7 @@ from ..config import CONFIG_NAME, VBLoRAConfig
 from ..dtypes import DTYPES
 from ..errors import AdapterNotFoundError, InvalidAdapterError, InvalidConfigError
 from ..folders import find_adapter_folders
-from ..hub.sources import resolve_source
+from ..sources import resolve_source
 from ..storage_forms import StorageForm
 from .keys import WEIGHTS_NAME, WEIGHTS_NAME_BIN
 from .layout import validate_layout

@@ -1,8 +1,8 @@
-"""The Hugging Face Hub in three rooms: :mod:`.sources` (resolve and download), :mod:`.card`, :mod:`.publish`.
+"""The Hugging Face Hub in three rooms: :mod:`vblora_store.sources` (resolve and download), :mod:`.card`, :mod:`.publish`.
 
-The engine and every reader of adapters depend on :mod:`.sources` alone; the
-names here are imported on first use, so reading a local folder never loads
-the card or the publisher.
+The engine and every reader of adapters depend on the sources alone (a room
+below the format layer); the card and the publisher sit above it.  The names
+here are imported on first use.
 """
 
 from __future__ import annotations
@@ -24,4 +24,6 @@ _HOMES = {
 def __getattr__(name: str) -> Any:
     if name not in _HOMES:
         raise AttributeError(f"module 'vblora_store.hub' has no attribute {name!r}")
-    return getattr(importlib.import_module(f".{_HOMES[name]}", __name__), name)
+    home = _HOMES[name]
+    module = importlib.import_module("vblora_store.sources" if home == "sources" else f"{__name__}.{home}")
+    return getattr(module, name)

@@ -13,7 +13,7 @@ from ..accounting import account
 from ..format.stored import StoredAdapter
 from ..report import ReportFormat, build_report
 from ..storage_forms import StorageForm
-from .sources import is_repo_id
+from ..sources import is_repo_id
 
 __all__ = ["model_card"]
 

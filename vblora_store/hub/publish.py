@@ -16,7 +16,7 @@ from ..folders import CONFIG_NAME
 from ..format import StorageForm, convert, read_adapters
 from ..format.atomic import TMP_PREFIX
 from .card import model_card
-from .sources import describe_repo, hub_errors, is_repo_id
+from ..sources import describe_repo, hub_errors, is_repo_id
 
 __all__ = ["push"]
 

@@ -16,8 +16,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional, Union
 
-from ..errors import AdapterNotFoundError, HubAuthError, HubConnectionError, HubError, HubNotFoundError
-from ..folders import ADAPTER_FILES, CONFIG_NAME, WEIGHTS_NAME, WEIGHTS_NAME_BIN, find_adapter_folders
+from .errors import AdapterNotFoundError, HubAuthError, HubConnectionError, HubError, HubNotFoundError
+from .folders import ADAPTER_FILES, CONFIG_NAME, WEIGHTS_NAME, WEIGHTS_NAME_BIN, find_adapter_folders
 
 __all__ = ["ADAPTER_FILES", "is_repo_id", "resolve_source", "hub_errors", "describe_repo"]
 
