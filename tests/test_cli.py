@@ -350,3 +350,25 @@ def test_destination_inside_source_is_refused(good_sources):
     result = run_cli("convert", full, full / "topk", "--force")
     assert_clean_refusal(result, full / "topk")
     assert snapshot(full) == before
+
+
+@pytest.mark.parametrize("command", ["inspect", "report", "verify", "convert", "export-lora"])
+def test_every_result_prints_in_every_format_and_exits_by_its_result(command, tmp_path):
+    """One protocol: ``--format text|json|markdown`` on every command that prints a result."""
+    args = {
+        "inspect": [SINGLE_FIXTURE], "report": [SINGLE_FIXTURE], "verify": [SINGLE_FIXTURE, SINGLE_FIXTURE],
+        "convert": [SINGLE_FIXTURE, tmp_path / "out"], "export-lora": [SINGLE_FIXTURE, tmp_path / "out"],
+    }[command]  # fmt: skip
+    for fmt in ("text", "json", "markdown"):
+        result = run_cli(
+            command, *args, "--format", fmt, *(["--force"] if command in ("convert", "export-lora") else [])
+        )
+        assert result.exit_code == 0, result.output
+        if fmt == "json":
+            json.loads(result.stdout)
+        if fmt == "markdown":
+            assert "|" in result.stdout or result.stdout.startswith("wrote") or "- " in result.stdout
+    assert (
+        run_cli("inspect", SINGLE_FIXTURE, "--json").stdout
+        == run_cli("inspect", SINGLE_FIXTURE, "--format", "json").stdout
+    )

@@ -15,6 +15,7 @@ adapter is reported by its path and stops none of the others.  With
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
@@ -26,6 +27,7 @@ from .config import CONFIG_NAME
 from .errors import AdapterNotFoundError, VBLoRAStoreError
 from .format import StorageForm, check_destination, convert
 from .choices import BankDtype, WeightsDtype
+from .results import EXIT_BAD_INPUT, EXIT_OK, Result
 
 __all__ = ["BatchItem", "BatchResult", "find_adapter_roots", "convert_tree"]
 
@@ -40,8 +42,8 @@ class BatchItem:
 
 
 @dataclass
-class BatchResult:
-    """Every root's outcome, in discovery order."""
+class BatchResult(Result):
+    """Every root's outcome, in discovery order; ``exit_code`` 2 when an adapter failed."""
 
     items: list[BatchItem] = field(default_factory=list)
 
@@ -52,6 +54,31 @@ class BatchResult:
     @property
     def failed(self) -> list[BatchItem]:
         return [item for item in self.items if item.error is not None]
+
+    @property
+    def passed(self) -> bool:
+        return not self.failed
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_OK if self.passed else EXIT_BAD_INPUT
+
+    def text(self) -> str:
+        """The summary line (the command line prints each failure on stderr before it)."""
+        return f"converted {len(self.converted)}, failed {len(self.failed)}"
+
+    def json(self) -> str:
+        items = [{"src": str(i.src), "dst": str(i.dst), "error": i.error} for i in self.items]
+        return json.dumps(
+            {"items": items, "converted": len(self.converted), "failed": len(self.failed)}, indent=2
+        )
+
+    def markdown(self) -> str:
+        lines = ["| source | destination | result |", "|---|---|---|"]
+        lines += [
+            f"| `{i.src}` | `{i.dst}` | {'converted' if i.error is None else i.error} |" for i in self.items
+        ]
+        return "\n".join(lines + ["", self.text()])
 
 
 #: Called after each root with ``(done, total, item)``.

@@ -24,8 +24,7 @@ import click
 
 from .choices import BankDtype, MergeDtype, ReportFormat, StorageForm, WeightsDtype
 from .errors import VBLoRAStoreError, os_problem
-
-EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+from .results import EXIT_BAD_INPUT, EXIT_OK
 
 
 class _Group(click.Group):
@@ -163,17 +162,30 @@ def _enum_option(flag: str, enum, default, help: str, *names: str, keep=lambda m
     )
 
 
+def _format_option(command):
+    """``--format text|json|markdown``: every command that prints a result takes it."""
+    return _enum_option("--format", ReportFormat, ReportFormat.TEXT, "How to print the result.", "fmt")(
+        command
+    )
+
+
+def _emit(result, fmt: str) -> None:
+    """Print ``result`` in ``fmt`` and exit with its exit code: the one output and exit protocol."""
+    click.echo(result.render(fmt))
+    sys.exit(result.exit_code)
+
+
 @main.command("inspect")
 @_sources("path")
 @click.argument("path", type=click.Path(path_type=str))
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
-def inspect_cmd(path: str, as_json: bool) -> None:
+@_format_option
+@click.option("--json", "as_json", is_flag=True, help="Same as --format json.")
+def inspect_cmd(path: str, fmt: str, as_json: bool) -> None:
     """Show the form, config, adapted modules and tensors of the adapters in PATH."""
     from .format import read_adapters
-    from .inspection import describe, render_json, render_text
+    from .inspection import Inspection
 
-    descriptions = [describe(a) for a in read_adapters(path)]
-    click.echo(render_json(descriptions) if as_json else render_text(descriptions))
+    _emit(Inspection.of(read_adapters(path)), "json" if as_json else fmt)
 
 
 @main.command("convert")
@@ -206,14 +218,25 @@ def inspect_cmd(path: str, as_json: bool) -> None:
     show_default=True,
     help="With --recursive: worker processes.",
 )
+@_format_option
 def convert_cmd(
-    src: str, dst: str, to: str, force: bool, weights_dtype: str, bank_dtype: str, recursive: bool, jobs: int
+    src: str,
+    dst: str,
+    to: str,
+    force: bool,
+    weights_dtype: str,
+    bank_dtype: str,
+    recursive: bool,
+    jobs: int,
+    fmt: str,
 ) -> None:
     """Convert the adapters in SRC into DST (same layout), then print DST's report.
 
     With --recursive, SRC and DST are trees: each adapter folder found under SRC is converted on its
     own (--force applies to each); a broken one is reported and the others go on; exit 2 if any failed.
     """
+    if jobs != 1 and not recursive:
+        raise click.UsageError("--jobs applies to --recursive conversions only.")
     from .accounting import account
     from .batch import convert_tree
     from .format import convert, read_adapters
@@ -221,12 +244,12 @@ def convert_cmd(
 
     options = dict(to=to, force=force, weights_dtype=weights_dtype, bank_dtype=bank_dtype)
     if recursive:
-        sys.exit(_render_batch(convert_tree(src, dst, jobs=jobs, progress=_batch_progress(), **options)))
-    if jobs != 1:
-        raise click.UsageError("--jobs applies to --recursive conversions only.")
+        result = convert_tree(src, dst, jobs=jobs, progress=_batch_progress(), **options)
+        for item in result.failed:
+            click.echo(f"error: {item.src}: {item.error}", err=True)
+        _emit(result, fmt)
     convert(src, dst, **options)
-    report = build_report([account(a) for a in read_adapters(dst)])
-    click.echo(report.render(ReportFormat.TEXT))
+    _emit(build_report([account(a) for a in read_adapters(dst)]), fmt)
 
 
 def _batch_progress():
@@ -247,18 +270,10 @@ def _batch_progress():
     return advance
 
 
-def _render_batch(result) -> int:
-    """Each failure on stderr, then the summary line; the exit code."""
-    for item in result.failed:
-        click.echo(f"error: {item.src}: {item.error}", err=True)
-    click.echo(f"converted {len(result.converted)}, failed {len(result.failed)}")
-    return EXIT_BAD_INPUT if result.failed else EXIT_OK
-
-
 @main.command("report")
 @_sources("paths")
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=str))
-@_enum_option("--format", ReportFormat, ReportFormat.TEXT, "How to print the report.", "fmt")
+@_format_option
 @click.option("--max-bytes", type=click.IntRange(min=0), help="Exit 1 if a weights file is larger.")
 @click.option(
     "--min-compression",
@@ -294,8 +309,7 @@ def report_cmd(
             click.echo(
                 f"{usage.adapter}: {len(usage.unused)} of {len(usage.counts)} bank vectors unused", err=True
             )
-    click.echo(report.render(ReportFormat(fmt)))
-    sys.exit(report.exit_code)
+    _emit(report, fmt)
 
 
 @main.command("verify")
@@ -309,23 +323,12 @@ def report_cmd(
     show_default=True,
     help="Largest relative error allowed.",
 )
-@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@_format_option
 def verify_cmd(a: str, b: str, tol: float, fmt: str) -> None:
     """Compare ΔW = B·A of every module of adapters A and B (any forms); exit 1 above --tol."""
-    from .errors import InvalidAdapterError
-    from .format import read_adapters
-    from .verify import render as render_verification
-    from .verify import verify_adapters
+    from .verify import verify_folders
 
-    first = {x.name: x for x in read_adapters(a)}
-    second = {x.name: x for x in read_adapters(b)}
-    if set(first) != set(second):
-        raise InvalidAdapterError(
-            f"{b}: holds adapters {sorted(second)} but {a} holds {sorted(first)}; compare two forms of one folder."
-        )
-    verifications = [verify_adapters(first[name], second[name]) for name in first]
-    click.echo(render_verification(verifications, tol=tol, as_json=fmt == "json"))
-    sys.exit(EXIT_OK if max(v.max_rel_error for v in verifications) <= tol else EXIT_CHECK_FAILED)
+    _emit(verify_folders(a, b, tol=tol), fmt)
 
 
 @main.command("push")
@@ -344,6 +347,7 @@ def verify_cmd(a: str, b: str, tol: float, fmt: str) -> None:
 @click.option("--revision", help="Branch to push to; created from main if missing.")
 @click.option("--commit-message", help="Commit message  [default: one naming the storage forms]")
 @click.option("--create-pr", is_flag=True, help="Open a pull request instead of committing to the branch.")
+@_format_option
 def push_cmd(
     path: str,
     repo_id: str,
@@ -352,6 +356,7 @@ def push_cmd(
     revision: Optional[str],
     commit_message: Optional[str],
     create_pr: bool,
+    fmt: str,
 ) -> None:
     """Upload the adapters in PATH to the Hub repo REPO_ID with a model card; print the commit URL.
 
@@ -360,6 +365,7 @@ def push_cmd(
     endpoint from HF_ENDPOINT; the token is never printed.
     """
     from .hub import push
+    from .results import Summary
 
     url = push(
         path,
@@ -370,7 +376,7 @@ def push_cmd(
         commit_message=commit_message,
         create_pr=create_pr,
     )
-    click.echo(url)
+    _emit(Summary(url, {"repo_id": repo_id, "url": url}), fmt)
 
 
 @main.command("export-lora")
@@ -378,15 +384,16 @@ def push_cmd(
 @click.argument("src", type=click.Path(path_type=str))
 @click.argument("dst", type=click.Path(path_type=str))
 @click.option("--force", is_flag=True, help="Replace DST if it exists.")
-def export_lora_cmd(src: str, dst: str, force: bool) -> None:
+@_format_option
+def export_lora_cmd(src: str, dst: str, force: bool, fmt: str) -> None:
     """Write the adapters in SRC (any form) as exact PEFT LoRA adapters of the same rank into DST."""
     from .export import export_lora
+    from .results import Summary
 
     adapters = export_lora(src, dst, force=force)
-    for adapter in adapters:
-        r = adapter.config.r
-        click.echo(f"{adapter.name}: {len(adapter.modules)} modules, r={r}, lora_alpha={r}")
-    click.echo(f"wrote {dst}")
+    lines = [f"{a.name}: {len(a.modules)} modules, r={a.config.r}, lora_alpha={a.config.r}" for a in adapters]
+    facts = {a.name: {"modules": len(a.modules), "r": a.config.r, "lora_alpha": a.config.r} for a in adapters}
+    _emit(Summary("\n".join(lines + [f"wrote {dst}"]), {"adapters": facts, "dst": dst}), fmt)
 
 
 @main.command("merge")
@@ -398,12 +405,15 @@ def export_lora_cmd(src: str, dst: str, force: bool) -> None:
     "--dtype", MergeDtype, MergeDtype.AUTO, "Dtype of the merged weights; auto keeps the base checkpoint's."
 )
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
-def merge_cmd(base_dir: str, adapter: str, out: str, dtype: str, force: bool) -> None:
+@_format_option
+def merge_cmd(base_dir: str, adapter: str, out: str, dtype: str, force: bool, fmt: str) -> None:
     """Merge the adapter in ADAPTER into the safetensors checkpoint BASE_DIR, writing the checkpoint OUT."""
     from .merge import merge
+    from .results import Summary
 
     summary = merge(base_dir, adapter, out, dtype=dtype, force=force)
-    click.echo(
+    line = (
         f"merged {summary.merged_modules} modules, replaced {summary.replaced_tensors} tensors, "
         f"{summary.shards} shard(s): wrote {out}"
     )
+    _emit(Summary(line, {**vars(summary), "out": out}), fmt)

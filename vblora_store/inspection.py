@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 
 from .dtypes import name_of
 from .format.stored import StoredAdapter
+from .results import Result
 
-__all__ = ["CONFIG_ESSENTIALS", "describe", "render_text", "render_json"]
+__all__ = ["CONFIG_ESSENTIALS", "describe", "Inspection"]
 
 CONFIG_ESSENTIALS = (
     "r",
@@ -52,13 +54,41 @@ def describe(adapter: StoredAdapter) -> dict:
     }
 
 
-def render_json(descriptions: list[dict]) -> str:
-    """``{"adapters": [...]}`` with two-space indent."""
-    return json.dumps({"adapters": descriptions}, indent=2)
+@dataclass
+class Inspection(Result):
+    """What ``inspect`` shows of some adapters (it always passes).
+
+    Example:
+        >>> from vblora_store.format import read_adapters
+        >>> Inspection.of(read_adapters("fixtures/tiny-llama-vblora")).render("markdown").splitlines()[0]
+        '| adapter | form | weights file | bytes | modules | tensors |'
+    """
+
+    descriptions: list[dict]
+
+    @classmethod
+    def of(cls, adapters: list[StoredAdapter]) -> "Inspection":
+        return cls([describe(a) for a in adapters])
+
+    def json(self) -> str:
+        """``{"adapters": [...]}`` with two-space indent."""
+        return json.dumps({"adapters": self.descriptions}, indent=2)
+
+    def markdown(self) -> str:
+        lines = ["| adapter | form | weights file | bytes | modules | tensors |", "|---|---|---|--:|--:|--:|"]
+        lines += [
+            f"| `{d['path']}` `{d['adapter_name']}` | {d['form']} | {d['weights_file']} | {d['file_bytes']:,} "
+            f"| {len(d['modules'])} | {len(d['tensors'])} |"
+            for d in self.descriptions
+        ]
+        return "\n".join(lines)
+
+    def text(self) -> str:
+        """Aligned text: a header line, the config, one line per module and per tensor."""
+        return _text(self.descriptions)
 
 
-def render_text(descriptions: list[dict]) -> str:
-    """Aligned text: a header line, the config, one line per module and per tensor."""
+def _text(descriptions: list[dict]) -> str:
     lines = []
     for d in descriptions:
         cfg = d["config"]

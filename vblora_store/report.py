@@ -14,6 +14,7 @@ from typing import Optional
 
 from .accounting import AdapterAccount
 from .choices import ReportFormat
+from .results import Result
 from .storage_forms import StorageForm
 
 __all__ = ["ReportFormat", "Check", "Report", "build_report", "report_fields"]
@@ -59,7 +60,7 @@ class Check:
 
 
 @dataclass
-class Report:
+class Report(Result):
     """Accounts plus checks; ``exit_code`` is 1 when any check failed."""
 
     accounts: list[AdapterAccount]
@@ -68,10 +69,6 @@ class Report:
     @property
     def passed(self) -> bool:
         return all(c.passed for c in self.checks)
-
-    @property
-    def exit_code(self) -> int:
-        return 0 if self.passed else 1
 
     def rows(self) -> list[dict]:
         """One JSON-ready dictionary per adapter, keys as :func:`report_fields` plus the breakdown."""
@@ -87,11 +84,14 @@ class Report:
             rows.append(row)
         return rows
 
-    def render(self, fmt: ReportFormat) -> str:
-        """The report as text, JSON or Markdown."""
-        return {ReportFormat.TEXT: _text, ReportFormat.JSON: _json, ReportFormat.MARKDOWN: _markdown}[fmt](
-            self
-        )
+    def text(self) -> str:
+        return _text(self)
+
+    def json(self) -> str:
+        return _json(self)
+
+    def markdown(self) -> str:
+        return _markdown(self)
 
 
 def build_report(

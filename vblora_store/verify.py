@@ -11,15 +11,17 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Iterator, Optional
+from pathlib import Path
+from typing import Optional, Union
 
 import torch
 
 from .errors import InvalidAdapterError
-from .format.stored import StoredAdapter
+from .format import StoredAdapter, read_adapters
+from .results import Result
 from .factors import module_factors
 
-__all__ = ["ModuleError", "Verification", "verify_adapters", "render"]
+__all__ = ["ModuleError", "Verification", "VerificationReport", "verify_adapters", "verify_folders"]
 
 
 @dataclass(frozen=True)
@@ -96,22 +98,93 @@ def _product_norm(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(((b.T @ b) * (a @ a.T)).sum().clamp(min=0).sqrt())  # (r, out)@(out, r) * (r, in)@(in, r)
 
 
-def render(verifications: list[Verification], *, tol: float, as_json: bool) -> str:
-    """Text or JSON (``{"modules", "max_abs_error", "max_rel_error", ...}``) for the command line."""
-    max_abs = max((v.max_abs_error for v in verifications), default=0.0)
-    max_rel = max((v.max_rel_error for v in verifications), default=0.0)
-    if as_json:
-        modules = [dict(vars(m), adapter_name=v.adapter_name) for v in verifications for m in v.modules]
-        payload = {"modules": modules, "max_abs_error": max_abs, "max_rel_error": max_rel, "tol": tol}
-        payload["passed"] = max_rel <= tol
-        return json.dumps(payload, indent=2)
-    lines = []
-    for v in verifications:
-        width = max((len(m.module) for m in v.modules), default=0)
-        lines.append(f"[{v.adapter_name}] {len(v.modules)} modules")
+@dataclass
+class VerificationReport(Result):
+    """The verifications of every adapter pair of two folders against a tolerance; fails above it."""
+
+    verifications: list[Verification]
+    tol: float
+
+    @property
+    def max_abs_error(self) -> float:
+        return max((v.max_abs_error for v in self.verifications), default=0.0)
+
+    @property
+    def max_rel_error(self) -> float:
+        return max((v.max_rel_error for v in self.verifications), default=0.0)
+
+    @property
+    def passed(self) -> bool:
+        return self.max_rel_error <= self.tol
+
+    def json(self) -> str:
+        modules = [dict(vars(m), adapter_name=v.adapter_name) for v in self.verifications for m in v.modules]
+        payload = {
+            "modules": modules,
+            "max_abs_error": self.max_abs_error,
+            "max_rel_error": self.max_rel_error,
+        }
+        return json.dumps({**payload, "tol": self.tol, "passed": self.passed}, indent=2)
+
+    def text(self) -> str:
+        lines = []
+        for v in self.verifications:
+            width = max((len(m.module) for m in v.modules), default=0)
+            lines.append(f"[{v.adapter_name}] {len(v.modules)} modules")
+            lines += [
+                f"  {m.module:<{width}}  max abs {m.max_abs_error:.3e}  rel {m.rel_error:.3e}"
+                for m in v.modules
+            ]
+        lines.append(self._verdict())
+        return "\n".join(lines)
+
+    def markdown(self) -> str:
+        lines = ["| adapter | module | max abs error | relative error |", "|---|---|--:|--:|"]
         lines += [
-            f"  {m.module:<{width}}  max abs {m.max_abs_error:.3e}  rel {m.rel_error:.3e}" for m in v.modules
+            f"| `{v.adapter_name}` | `{m.module}` | {m.max_abs_error:.3e} | {m.rel_error:.3e} |"
+            for v in self.verifications
+            for m in v.modules
         ]
-    verdict = "ok" if max_rel <= tol else "FAIL"
-    lines.append(f"{verdict}: max abs error {max_abs:.3e}, max relative error {max_rel:.3e} (tol {tol:g})")
-    return "\n".join(lines)
+        return "\n".join(lines + ["", f"**{self._verdict()}**"])
+
+    def _verdict(self) -> str:
+        verdict = "ok" if self.passed else "FAIL"
+        return (
+            f"{verdict}: max abs error {self.max_abs_error:.3e}, max relative error {self.max_rel_error:.3e} "
+            f"(tol {self.tol:g})"
+        )
+
+
+def verify_folders(
+    a: Union[str, Path],
+    b: Union[str, Path],
+    *,
+    tol: float = 1e-6,
+    revision: Optional[str] = None,
+    subfolder: Optional[str] = None,
+) -> VerificationReport:
+    """Compare every adapter of folder (or repo id) ``b`` with the adapter of the same name in ``a``.
+
+    Args:
+        a: The reference folder (or Hub repo id).
+        b: The candidate.
+        tol: Largest relative error that passes.
+        revision, subfolder: Of repo ids.
+
+    Returns:
+        The :class:`VerificationReport` (``exit_code`` 1 above ``tol``).
+
+    Raises:
+        InvalidAdapterError: the two hold different adapters or modules.
+
+    Example:
+        >>> verify_folders("fixtures/tiny-llama-vblora", "fixtures/tiny-llama-vblora").exit_code
+        0
+    """
+    first = {x.name: x for x in read_adapters(a, revision=revision, subfolder=subfolder)}
+    second = {x.name: x for x in read_adapters(b, revision=revision, subfolder=subfolder)}
+    if set(first) != set(second):
+        raise InvalidAdapterError(
+            f"{b}: holds adapters {sorted(second)} but {a} holds {sorted(first)}; compare two forms of one folder."
+        )
+    return VerificationReport([verify_adapters(first[name], second[name]) for name in first], tol)
