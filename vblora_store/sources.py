@@ -167,56 +167,6 @@ def hub_errors(where: str) -> Iterator[None]:
         raise HubError(f"{where}: {endpoint} answered HTTP {status}{detail}; retry later.") from e
 
 
-@contextmanager
-def hub_errors(where: str) -> Iterator[None]:
-    """Turn huggingface_hub's exceptions into one-line typed errors naming ``where`` and the fix."""
-    from huggingface_hub import constants
-    from huggingface_hub.errors import (
-        EntryNotFoundError,
-        GatedRepoError,
-        HfHubHTTPError,
-        LocalEntryNotFoundError,
-        OfflineModeIsEnabled,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-    from huggingface_hub.utils import httpx
-
-    endpoint = constants.ENDPOINT
-    login = "set HF_TOKEN or run `hf auth login`"
-    try:
-        yield
-    except GatedRepoError as e:
-        raise HubAuthError(f"{where}: is gated on {endpoint}; ask for access, then {login}.") from e
-    except RevisionNotFoundError as e:
-        raise HubNotFoundError(
-            f"{where}: no such revision on {endpoint}; pass one of the repo's branches, tags or commits."
-        ) from e
-    except RepositoryNotFoundError as e:
-        raise HubNotFoundError(
-            f"{where}: no such repo on {endpoint}, or it is private and your token cannot read it; "
-            f"check the id (and that no local folder of that name was meant), or {login}."
-        ) from e
-    except (LocalEntryNotFoundError, OfflineModeIsEnabled, httpx.TransportError) as e:
-        raise HubConnectionError(
-            f"{where}: cannot reach {endpoint} and the files are not in the local cache; "
-            "check the network and HF_ENDPOINT (and that HF_HUB_OFFLINE is unset), then retry."
-        ) from e
-    except EntryNotFoundError as e:
-        raise HubNotFoundError(f"{where}: a file is missing on {endpoint}; push the adapter again.") from e
-    except HfHubHTTPError as e:
-        status = e.response.status_code
-        if status == 401:
-            raise HubAuthError(f"{where}: {endpoint} rejected your token (401); {login} anew.") from e
-        if status == 403:
-            raise HubAuthError(
-                f"{where}: your token may not do this on {endpoint} (403); use a token with write access to "
-                "this namespace, or push to your own."
-            ) from e
-        detail = f": {e.server_message.splitlines()[0]}" if e.server_message else ""
-        raise HubError(f"{where}: {endpoint} answered HTTP {status}{detail}; retry later.") from e
-
-
 def describe_repo(repo_id: str, revision: Optional[str] = None, subfolder: Optional[str] = None) -> str:
     """``repo_id`` with the revision and sub-folder asked for, as error messages name it."""
     extras = [f"revision {revision}"] * bool(revision) + [f"subfolder {subfolder}"] * bool(subfolder)

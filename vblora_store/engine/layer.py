@@ -29,44 +29,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import VBLoRAConfig
-from ..errors import AdapterStateError, TargetingError
+from ..errors import AdapterStateError
 from ..topk import delta_weight, lora_factors, mix_weights
 from .batched import add_lora
 from .cache import FactorCache
 from .routing import BatchRoute
-from .slots import FactorSlots
-from .topk_store import TopKSlice, TopKTensors
+from .targeting import check_fits, layer_features
+from .slots import FactorSlots, source_key
+from .topk_store import TopKSlice
 
-__all__ = ["VBLoRALinear", "layer_features", "check_fits"]
-
-
-def layer_features(base_layer: nn.Module, fan_in_fan_out: bool) -> tuple[int, int]:
-    """``(in_features, out_features)`` of a layer.
-
-    A ``Linear`` stores its weight ``(out, in)``, a ``Conv1D`` (``fan_in_fan_out``) ``(in, out)``.
-    """
-    rows, cols = base_layer.weight.shape  # Linear: (out, in); Conv1D: (in, out)
-    return (rows, cols) if fan_in_fan_out else (cols, rows)
-
-
-def check_fits(module: str, in_features: int, out_features: int, vector_length: int) -> None:
-    """Raise :class:`TargetingError` naming ``module`` if a size is not a multiple of ``vector_length``."""
-    for what, size in (("in_features", in_features), ("out_features", out_features)):
-        if size % vector_length:
-            raise TargetingError(
-                f"module {module!r}: {what}={size} is not divisible by vector_length={vector_length}; "
-                "pick a vector_length dividing every targeted layer's sizes, or exclude this module "
-                "(exclude_modules)."
-            )
-
-
-def _cache_key(tensors: tuple[torch.Tensor, ...]) -> tuple:
-    """Identifies the values of ``tensors``: changes on any in-place edit, move or cast.
-
-    Tensors created under ``torch.inference_mode()`` have no version counter;
-    for them only a move or cast is seen (call ``clear_cache()`` after editing one).
-    """
-    return tuple((t.data_ptr(), t.dtype, -1 if t.is_inference() else t._version) for t in tensors)
+__all__ = ["VBLoRALinear"]
 
 
 class VBLoRALinear(nn.Module):
@@ -234,7 +206,7 @@ class VBLoRALinear(nn.Module):
 
     def source_key(self, adapter: str) -> tuple:
         """Changes whenever a tensor ``adapter``'s factors in this layer are built from changes."""
-        return _cache_key(self._sources(adapter))
+        return source_key(self._sources(adapter))
 
     def _build_factors(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
         """A ``(r, in)`` and B ``(out, r)``, composed in at least float32 on the adapter's device."""

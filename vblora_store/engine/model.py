@@ -11,75 +11,25 @@ work; state-dict keys are PEFT's (``base_model.model.<module>...``).
 
 from __future__ import annotations
 
-import functools
 from contextlib import contextmanager
-from enum import Enum
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence, Union
+from typing import Any, Iterator, Optional, Union
 
 import torch
 from torch import nn
 
 from ..config import VBLoRAConfig
 from ..errors import AdapterStateError
-from ..format import StoredAdapter, read_adapter
+from ..format import read_adapter
 from ..sources import resolve_source
-from .saving import save_adapter, write_model_card
-from .serving import close_route, generate_multiples, open_route, routing
+from .saving import save_model
+from .injection import as_config, refuse_dropped_logits
+from .serving import WrappedForward, call_routed
 from .state import savable_parameter_counts
 from .status import LayerStatus, ModelStatus, layer_status, model_status
 from .tuner import VBLoRATuner
 
 __all__ = ["VBLoRAModel"]
-
-
-def _call_wrapped(self: "VBLoRAModel", *args: Any, **kwargs: Any) -> Any:
-    """Call the wrapped model."""
-    return self._forward(*args, **kwargs)
-
-
-class _WrappedForward:
-    """``VBLoRAModel.forward``: calls the wrapped model and shows its signature.
-
-    ``inspect.signature(model.forward)`` is then the wrapped model's, so
-    transformers' Trainer keeps the dataset columns it names (it drops the
-    others); on the class it is a plain ``(self, *args, **kwargs)`` function.
-    """
-
-    def __get__(self, obj: Optional["VBLoRAModel"], owner: type) -> Callable[..., Any]:
-        if obj is None:
-            return _call_wrapped
-
-        @functools.wraps(obj.base_model.model.forward)
-        def call(*args: Any, **kwargs: Any) -> Any:
-            return obj._forward(*args, **kwargs)
-
-        return call
-
-
-def _as_config(config: Any) -> VBLoRAConfig:
-    """A vblora_store config from ours or PEFT's ``VBLoRAConfig`` (``from_pretrained(config=...)``)."""
-    if config is None or isinstance(config, VBLoRAConfig):
-        return config
-    if not hasattr(config, "to_dict"):
-        raise AdapterStateError(f"config must be a VBLoRAConfig, got {type(config).__name__}.")
-    plain = {k: v.value if isinstance(v, Enum) else sorted(v) if isinstance(v, set) else v
-             for k, v in config.to_dict().items()}  # fmt: skip
-    return VBLoRAConfig.from_dict(plain, source=f"config ({type(config).__name__})")
-
-
-def _refuse_dropped_logits(stored: StoredAdapter) -> None:
-    """Refuse training from ``-inf`` logits (as PEFT's training does): the dropped ones can never come back."""
-    from ..format.keys import parse_key
-
-    for key in stored.specs:
-        parts = parse_key(key)
-        if parts is not None and parts.part == "logits" and bool(torch.isneginf(stored.tensor(key)).any()):
-            raise AdapterStateError(
-                f"{stored.folder}: tensor {key!r} holds -inf logits (PEFT's full save of an adapter loaded from "
-                "top-k form): the dropped logits can never re-enter the top-k, so it cannot be trained. Load it "
-                "with is_trainable=False, or train from the original full adapter."
-            )
 
 
 class VBLoRAModel(nn.Module):
@@ -179,7 +129,7 @@ class VBLoRAModel(nn.Module):
             >>> model.add_adapter("second", VBLoRAConfig(target_modules=["q_proj"]))  # doctest: +SKIP
         """
         tuner = self.base_model
-        tuner.inject(adapter_name, _as_config(config), None, meta=low_cpu_mem_usage)
+        tuner.inject(adapter_name, as_config(config), None, meta=low_cpu_mem_usage)
         tuner.set_trainable(adapter_name, adapter_name == tuner.active_adapter)
 
     def load_adapter(
@@ -216,7 +166,7 @@ class VBLoRAModel(nn.Module):
         """
         tuner = self.base_model
         folder = resolve_source(model_id, revision=revision, subfolder=subfolder, nested=False)
-        stored = read_adapter(folder, name=adapter_name, config=_as_config(config))
+        stored = read_adapter(folder, name=adapter_name, config=as_config(config))
         if is_trainable and not stored.form.has_logits:
             raise AdapterStateError(
                 f"{stored.folder}: the adapter is stored in {stored.form.value} form, which keeps the "
@@ -224,7 +174,7 @@ class VBLoRAModel(nn.Module):
                 "is_trainable=False, or train from the full-form adapter."
             )
         if is_trainable and stored.form.has_logits:
-            _refuse_dropped_logits(stored)
+            refuse_dropped_logits(stored)
         if adapter_name in tuner._placeholders:
             tuner.forget(adapter_name)
         tuner.inject(
@@ -233,22 +183,6 @@ class VBLoRAModel(nn.Module):
         tuner.set_trainable(adapter_name, is_trainable)
         if not is_trainable:
             self.eval()
-
-    def set_adapter(self, adapter_name: str, inference_mode: bool = False) -> None:
-        """Make ``adapter_name`` the active adapter; like PEFT it becomes trainable unless ``inference_mode``.
-
-        Other adapters are frozen.  A merged model is unmerged first, with a warning.
-        """
-        self.base_model.set_adapter(adapter_name, inference_mode)
-
-    def delete_adapter(self, adapter_name: str) -> None:
-        """Remove an adapter everywhere; if it was active, the first remaining one becomes active."""
-        self.base_model.check_known(adapter_name)
-        self.base_model.forget(adapter_name)
-
-    def set_requires_grad(self, adapter_names: Union[str, Sequence[str]], requires_grad: bool = True) -> None:
-        """Turn gradients on or off for the given adapters (their banks, logits, copies, trained biases)."""
-        self.base_model.set_requires_grad(adapter_names, requires_grad)
 
     @property
     def active_adapter(self) -> Optional[str]:
@@ -294,56 +228,6 @@ class VBLoRAModel(nn.Module):
             for module in wrappers:
                 module.disable_adapters = False
 
-    def enable_adapter_layers(self) -> None:
-        """Switch the adapters back on after :meth:`disable_adapter_layers`."""
-        self.base_model.set_adapter_layers(True)
-
-    def disable_adapter_layers(self) -> None:
-        """Run the base model alone until :meth:`enable_adapter_layers` (a merged adapter is unmerged)."""
-        self.base_model.set_adapter_layers(False)
-
-    # -- merging and unloading -------------------------------------------------------------
-
-    def merge_adapter(self, adapter_names: Optional[Sequence[str]] = None, safe_merge: bool = False) -> None:
-        """Add ``ΔW`` of ``adapter_names`` (default: the active adapter) to the base weights.
-
-        Undo with :meth:`unmerge_adapter`; ``safe_merge`` checks every merged weight for NaN/inf first.
-        """
-        self.base_model.merge_adapter(adapter_names, safe_merge=safe_merge)
-
-    def unmerge_adapter(self) -> None:
-        """Subtract every merged adapter from the base weights."""
-        self.base_model.unmerge_adapter()
-
-    def merge_and_unload(
-        self,
-        progressbar: bool = False,
-        safe_merge: bool = False,
-        adapter_names: Optional[Sequence[str]] = None,
-    ) -> nn.Module:
-        """Merge ``adapter_names`` (default: the active adapter) and return the base model itself.
-
-        Args:
-            progressbar: Show a progress bar over the modules.
-            safe_merge: Check every merged weight for NaN/inf before writing it.
-            adapter_names: The adapters to merge.
-
-        Returns:
-            The original model object, its targeted weights updated; the
-            active adapter's ``modules_to_save`` copies take the originals' places.
-
-        Example:
-            >>> merged = model.merge_and_unload()  # doctest: +SKIP
-            >>> merged.save_pretrained("merged-model")  # doctest: +SKIP
-        """
-        return self.base_model.unload(
-            merge=True, safe_merge=safe_merge, adapter_names=adapter_names, progressbar=progressbar
-        )
-
-    def unload(self) -> nn.Module:
-        """Remove every wrapper without merging and return the base model."""
-        return self.base_model.unload(merge=False)
-
     # -- saving and publishing ----------------------------------------------------------------
 
     def save_pretrained(
@@ -374,34 +258,21 @@ class VBLoRAModel(nn.Module):
         Example:
             >>> model.save_pretrained("out", save_only_topk_weights=True)  # doctest: +SKIP
         """
-        root, tuner = Path(save_directory), self.base_model
-        if root.is_file():
-            raise AdapterStateError(f"{root}: is a file; save_pretrained needs a folder.")
-        adapters = tuner.check_known(
-            list(self.peft_config) if selected_adapters is None else selected_adapters
-        )
-        if not is_main_process:
-            return
-        root.mkdir(parents=True, exist_ok=True)
-        write_model_card(root, tuner.model, self.peft_config[self.active_adapter or adapters[0]])
-        for adapter in adapters:
-            config = self.peft_config[adapter]
-            topk = config.save_only_topk_weights if save_only_topk_weights is None else save_only_topk_weights
-            save_adapter(
-                root if adapter == "default" else root / adapter, tuner.model, tuner.vblora_vector_bank[adapter],
-                adapter, config, topk=bool(topk), safe_serialization=safe_serialization,
-                save_embedding_layers=save_embedding_layers,
-            )  # fmt: skip
+        save_model(
+            self.base_model, save_directory, safe_serialization=safe_serialization,
+            selected_adapters=selected_adapters, save_embedding_layers=save_embedding_layers,
+            is_main_process=is_main_process, save_only_topk_weights=save_only_topk_weights,
+        )  # fmt: skip
 
     def push_to_hub(self, repo_id: str, *, to: Optional[str] = None, **kwargs: Any) -> str:
-        """Upload the adapters (saved as :meth:`save_pretrained` saves them) with a model card.
+        """Upload the adapters (saved as :meth:`save_pretrained` saves them) with a model card, in one commit.
 
         Args:
             repo_id: ``namespace/name``.
             to: Convert first (``"topk"`` or ``"packed"``).
             **kwargs: ``private``, ``revision``, ``commit_message``, ``create_pr``,
-                and :meth:`save_pretrained`'s ``selected_adapters`` and
-                ``save_only_topk_weights``; anything else is refused.
+                and :meth:`save_pretrained`'s ``selected_adapters``,
+                ``save_only_topk_weights`` and ``safe_serialization``; anything else is refused.
 
         Returns:
             The URL of the commit or pull request.
@@ -409,21 +280,9 @@ class VBLoRAModel(nn.Module):
         Example:
             >>> model.push_to_hub("acme/my-adapter", to="packed")  # doctest: +SKIP
         """
-        import tempfile
+        from ..hub.publish import push_model
 
-        from ..format.atomic import TMP_PREFIX
-        from ..hub import push
-
-        save_keys = {"selected_adapters", "save_only_topk_weights", "safe_serialization"}
-        push_keys = {"private", "revision", "commit_message", "create_pr"}
-        unknown = sorted(set(kwargs) - save_keys - push_keys)
-        if unknown:
-            raise TypeError(
-                f"push_to_hub() got unsupported argument(s) {unknown}; it takes {sorted(save_keys | push_keys)}."
-            )
-        with tempfile.TemporaryDirectory(prefix=TMP_PREFIX) as work:
-            self.save_pretrained(work, **{k: v for k, v in kwargs.items() if k in save_keys})
-            return push(work, repo_id, to=to, **{k: v for k, v in kwargs.items() if k in push_keys})
+        return push_model(self, repo_id, to=to, **kwargs)
 
     # -- counting and status ------------------------------------------------------------------
 
@@ -472,7 +331,7 @@ class VBLoRAModel(nn.Module):
         """The wrapped model (with its layers wrapped)."""
         return self.base_model.model
 
-    forward = _WrappedForward()
+    forward = WrappedForward()
 
     def _forward(self, *args: Any, adapter_names: Optional[list[str]] = None, **kwargs: Any) -> Any:
         """The wrapped model's forward; with ``adapter_names``, each row through its own adapter.
@@ -486,16 +345,7 @@ class VBLoRAModel(nn.Module):
             AdapterNamesError: an unknown name, a list whose length is not the
                 batch size, merged adapters, or training mode with gradients on.
         """
-        tuner = self.base_model
-        if torch.compiler.is_compiling():  # route every compiled call: no cache logic in the graph
-            open_route(tuner, adapter_names, args, kwargs)
-            out = tuner.model(*args, **kwargs)
-            close_route(tuner)
-            return out
-        if adapter_names is None:
-            return tuner.model(*args, **kwargs)
-        with routing(tuner, adapter_names, args, kwargs):
-            return tuner.model(*args, **kwargs)
+        return call_routed(self.base_model, self.base_model.model, args, kwargs, adapter_names)
 
     def generate(self, *args: Any, adapter_names: Optional[list[str]] = None, **kwargs: Any) -> Any:
         """The wrapped model's ``generate``; ``adapter_names`` gives each row of the batch its own adapter.
@@ -505,13 +355,9 @@ class VBLoRAModel(nn.Module):
         Example:
             >>> model.generate(input_ids, adapter_names=["a", "b", "__base__"])  # doctest: +SKIP
         """
-        inner = self.base_model.model
-        if adapter_names is None:
-            return inner.generate(*args, **kwargs)
-        with routing(
-            self.base_model, adapter_names, args, kwargs, multiples=generate_multiples(inner, kwargs)
-        ):
-            return inner.generate(*args, **kwargs)
+        return call_routed(
+            self.base_model, self.base_model.model.generate, args, kwargs, adapter_names, generating=True
+        )
 
     @property
     def max_cached_factors(self) -> Optional[int]:

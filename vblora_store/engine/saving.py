@@ -24,7 +24,14 @@ from ..errors import AdapterStateError
 from ..format.conversion import write_adapter
 from .state import adapter_state_dict, embedding_parameters
 
-__all__ = ["PEFT_FORMAT_VERSION", "saved_config", "embedding_tensors", "save_adapter", "write_model_card"]
+__all__ = [
+    "PEFT_FORMAT_VERSION",
+    "saved_config",
+    "embedding_tensors",
+    "save_adapter",
+    "write_model_card",
+    "save_model",
+]
 
 #: The PEFT release whose files vblora_store writes byte for byte (written as ``peft_version``
 #: when PEFT itself is not installed).
@@ -160,3 +167,32 @@ def write_model_card(folder: Union[str, Path], model: nn.Module, config: VBLoRAC
             lines.append(f"{heading}\n\n{version_line}")
     card.text = "\n".join(lines)
     card.save(path)
+
+
+def save_model(
+    tuner,
+    save_directory: Union[str, Path],
+    *,
+    safe_serialization: bool,
+    selected_adapters: Optional[list[str]],
+    save_embedding_layers: Union[bool, str],
+    is_main_process: bool,
+    save_only_topk_weights: Optional[bool],
+) -> None:
+    """``VBLoRAModel.save_pretrained``: the model card, then each adapter in PEFT's layout."""
+    root = Path(save_directory)
+    if root.is_file():
+        raise AdapterStateError(f"{root}: is a file; save_pretrained needs a folder.")
+    adapters = tuner.check_known(list(tuner.peft_config) if selected_adapters is None else selected_adapters)
+    if not is_main_process:
+        return
+    root.mkdir(parents=True, exist_ok=True)
+    write_model_card(root, tuner.model, tuner.peft_config[tuner.active_adapter or adapters[0]])
+    for adapter in adapters:
+        config = tuner.peft_config[adapter]
+        topk = config.save_only_topk_weights if save_only_topk_weights is None else save_only_topk_weights
+        save_adapter(
+            root if adapter == "default" else root / adapter, tuner.model, tuner.vblora_vector_bank[adapter],
+            adapter, config, topk=bool(topk), safe_serialization=safe_serialization,
+            save_embedding_layers=save_embedding_layers,
+        )  # fmt: skip

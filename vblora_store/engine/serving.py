@@ -18,17 +18,27 @@ so its graph holds no Python cache logic; :func:`open_route` and
 
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 
 from ..errors import AdapterNamesError
 from .batched import load_kernels
-from .layer import _cache_key
+from .slots import source_key
 from .routing import BASE_ADAPTER, check_adapter_names
 
-__all__ = ["batch_rows", "generate_multiples", "prepare_factors", "open_route", "close_route", "routing"]
+__all__ = [
+    "batch_rows",
+    "generate_multiples",
+    "prepare_factors",
+    "open_route",
+    "close_route",
+    "routing",
+    "WrappedForward",
+    "call_routed",
+]
 
 #: Keyword arguments that carry the batch, in the order they are looked at.
 _BATCH_KWARGS = ("input_ids", "inputs", "inputs_embeds", "pixel_values", "input_values", "input_features")
@@ -67,7 +77,7 @@ def _source_key(model, adapter: str) -> tuple:
     bank = model.vblora_vector_bank[adapter]
     if adapter in model.vblora_topk:
         held = model.vblora_topk[adapter]
-        return _cache_key((bank, held.indices, held.weights))
+        return source_key((bank, held.indices, held.weights))
     layers = [layer for layer in model.factor_cache.layers if adapter in layer.r]
     return tuple(layer.source_key(adapter) for layer in layers)
 
@@ -200,3 +210,46 @@ def routing(
         yield
     finally:
         close_route(model)
+
+
+def _call_wrapped(self: Any, *args: Any, **kwargs: Any) -> Any:
+    """Call the wrapped model."""
+    return self._forward(*args, **kwargs)
+
+
+class WrappedForward:
+    """``VBLoRAModel.forward``: calls the wrapped model and shows its signature.
+
+    ``inspect.signature(model.forward)`` is then the wrapped model's, so
+    transformers' Trainer keeps the dataset columns it names (it drops the
+    others); on the class it is a plain ``(self, *args, **kwargs)`` function.
+    """
+
+    def __get__(self, obj: Any, owner: type) -> Callable[..., Any]:
+        if obj is None:
+            return _call_wrapped
+
+        @functools.wraps(obj.base_model.model.forward)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return obj._forward(*args, **kwargs)
+
+        return call
+
+
+def call_routed(tuner, call, args, kwargs, adapter_names, *, generating: bool = False) -> Any:
+    """Run ``call`` (the wrapped model, or its ``generate``) with each row routed to its adapter.
+
+    Without ``adapter_names`` the call runs as is, except in a compiled model,
+    where every call is routed so that its graph holds no Python cache logic.
+    ``generate`` repeats rows for beams and returned sequences: allowed multiples.
+    """
+    if torch.compiler.is_compiling():
+        open_route(tuner, adapter_names, args, kwargs)
+        out = call(*args, **kwargs)
+        close_route(tuner)
+        return out
+    if adapter_names is None:
+        return call(*args, **kwargs)
+    multiples = generate_multiples(tuner.model, kwargs) if generating else (1,)
+    with routing(tuner, adapter_names, args, kwargs, multiples=multiples):
+        return call(*args, **kwargs)

@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-__all__ = ["FactorSlots"]
+__all__ = ["FactorSlots", "source_key"]
 
 
 class FactorSlots(nn.Module):
@@ -123,3 +123,12 @@ class FactorSlots(nn.Module):
     def views(self, slot: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
         """A ``(rank, in)`` and B transposed ``(rank, out)`` of ``slot``, as views."""
         return self.a[slot, :rank], self.bt[slot, :rank]
+
+
+def source_key(tensors: tuple[torch.Tensor, ...]) -> tuple:
+    """Identifies the values of ``tensors``: changes on any in-place edit, move or cast.
+
+    Tensors created under ``torch.inference_mode()`` have no version counter;
+    for them only a move or cast is seen (call ``clear_cache()`` after editing one).
+    """
+    return tuple((t.data_ptr(), t.dtype, -1 if t.is_inference() else t._version) for t in tensors)

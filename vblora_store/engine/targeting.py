@@ -37,6 +37,8 @@ __all__ = [
     "is_excluded",
     "is_targeted",
     "find_targets",
+    "layer_features",
+    "check_fits",
 ]
 
 ALL_LINEAR = "all-linear"
@@ -243,3 +245,23 @@ def find_targets(
             "check the names with [n for n, _ in model.named_modules()]."
         )
     return found
+
+
+def layer_features(base_layer: nn.Module, fan_in_fan_out: bool) -> tuple[int, int]:
+    """``(in_features, out_features)`` of a layer.
+
+    A ``Linear`` stores its weight ``(out, in)``, a ``Conv1D`` (``fan_in_fan_out``) ``(in, out)``.
+    """
+    rows, cols = base_layer.weight.shape  # Linear: (out, in); Conv1D: (in, out)
+    return (rows, cols) if fan_in_fan_out else (cols, rows)
+
+
+def check_fits(module: str, in_features: int, out_features: int, vector_length: int) -> None:
+    """Raise :class:`TargetingError` naming ``module`` if a size is not a multiple of ``vector_length``."""
+    for what, size in (("in_features", in_features), ("out_features", out_features)):
+        if size % vector_length:
+            raise TargetingError(
+                f"module {module!r}: {what}={size} is not divisible by vector_length={vector_length}; "
+                "pick a vector_length dividing every targeted layer's sizes, or exclude this module "
+                "(exclude_modules)."
+            )

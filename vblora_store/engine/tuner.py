@@ -10,7 +10,6 @@ switches, merges and removes them.  It reads no file: :class:`~vblora_store.engi
 
 from __future__ import annotations
 
-import dataclasses
 import warnings
 from typing import Any, Iterable, Iterator, Optional, Sequence, Union
 
@@ -18,22 +17,20 @@ import torch
 from torch import nn
 
 from ..config import VBLoRAConfig
-from ..errors import AdapterStateError, TargetingError
+from ..errors import AdapterStateError
 from ..factors import module_sides
 from ..format.keys import BANK_KEY
 from ..storage_forms import StorageForm
 from ..format.stored import StoredAdapter
 from .cache import FactorCache
-from .layer import VBLoRALinear, check_fits, layer_features
+from .layer import VBLoRALinear
 from .topk_store import TopKSlice, TopKTensors
 from .routing import BatchRoute
 from .state import adapter_layers, load_other_tensors, other_parameters
-from .targeting import CLASSIFIER_HEADS, conv1d_class, find_targets
+from .injection import plan_targets, prepared_config
 from .trainable import ModulesToSave
 
 __all__ = ["VBLoRATuner"]
-
-_WRAPPERS = (VBLoRALinear,)
 
 
 class VBLoRATuner(nn.Module):
@@ -103,8 +100,8 @@ class VBLoRATuner(nn.Module):
             )
         if not adapter or "." in adapter:
             raise AdapterStateError(f"adapter name {adapter!r} is empty or has a '.'; pick a plain name.")
-        config = self._prepared_config(config)
-        plan = self._plan(config, stored)
+        config = prepared_config(config)
+        plan = plan_targets(self.model, config, stored)
         try:
             self._wrap(
                 adapter, config, stored, plan, meta=meta and stored is None, device=device, autocast=autocast
@@ -116,54 +113,6 @@ class VBLoRATuner(nn.Module):
             self._placeholders.add(adapter)
         if self.active_adapter is None:
             self.active_adapter = adapter
-
-    def _prepared_config(self, config: VBLoRAConfig) -> VBLoRAConfig:
-        """A copy of ``config`` with the task head PEFT adds to ``modules_to_save``."""
-        config = dataclasses.replace(config)
-        heads = CLASSIFIER_HEADS.get(str(config.task_type), [])
-        if heads:
-            config.modules_to_save = list(config.modules_to_save or []) + [
-                h for h in heads if h not in (config.modules_to_save or [])
-            ]
-        return config
-
-    def _fan_in_fan_out(self, config: VBLoRAConfig, base: nn.Module, name: str) -> bool:
-        """PEFT's correction: False for a Linear, True for a Conv1D, warning if the config disagrees."""
-        conv1d = conv1d_class()
-        if conv1d is not None and isinstance(base, conv1d):
-            if not config.fan_in_fan_out:
-                warnings.warn(
-                    f"{name}: fan_in_fan_out is False but the target is Conv1D; setting it to True."
-                )
-                config.fan_in_fan_out = True
-        elif config.fan_in_fan_out:
-            warnings.warn(f"{name}: fan_in_fan_out is True but the target is nn.Linear; setting it to False.")
-            config.fan_in_fan_out = False
-        return config.fan_in_fan_out
-
-    def _plan(
-        self, config: VBLoRAConfig, stored: Optional[StoredAdapter]
-    ) -> list[tuple[str, nn.Module, bool]]:
-        """``(name, base layer, fan_in_fan_out)`` of every target, all checked; the model is not touched."""
-        names = find_targets(
-            self.model, config, modules_to_save=list(config.modules_to_save or []), skip=_WRAPPERS
-        )
-        if stored is not None and set(names) != set(stored.modules):
-            missing = sorted(set(stored.modules) - set(names))[:3]
-            extra = sorted(set(names) - set(stored.modules))[:3]
-            raise TargetingError(
-                f"{stored.folder}: the adapter's modules do not match this model's targets (in the file "
-                f"only: {missing}; targeted but absent from the file: {extra}); load it on the model it "
-                "was trained on."
-            )
-        plan = []
-        for name in names:
-            module = self.model.get_submodule(name)
-            base = module.base_layer if isinstance(module, VBLoRALinear) else module
-            fan = self._fan_in_fan_out(config, base, name)
-            check_fits(name, *layer_features(base, fan), config.vector_length)
-            plan.append((name, base, fan))
-        return plan
 
     def _wrap(
         self,
@@ -338,17 +287,28 @@ class VBLoRATuner(nn.Module):
         if self.active_adapter == adapter:
             self._activate(next(iter(self.peft_config), None))
 
-    def set_adapter_layers(self, enabled: bool) -> None:
-        """Switch every adapter layer and wrapper on or off (a merged adapter is unmerged when off)."""
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter everywhere; if it was active, the first remaining one becomes active."""
+        self.check_known(adapter_name)
+        self.forget(adapter_name)
+
+    def enable_adapter_layers(self) -> None:
+        """Switch the adapters back on after :meth:`disable_adapter_layers`."""
         for module in self.wrappers():
-            module.disable_adapters = not enabled
+            module.disable_adapters = False
+
+    def disable_adapter_layers(self) -> None:
+        """Run the base model alone until :meth:`enable_adapter_layers` (a merged adapter is unmerged)."""
+        for module in self.wrappers():
+            module.disable_adapters = True
 
     # -- merging and unloading -------------------------------------------------------------
 
-    def merge_adapter(
-        self, adapter_names: Optional[Sequence[str]] = None, *, safe_merge: bool = False
-    ) -> None:
-        """Add ``ΔW`` of ``adapter_names`` (default: the active adapter) to the base weights."""
+    def merge_adapter(self, adapter_names: Optional[Sequence[str]] = None, safe_merge: bool = False) -> None:
+        """Add ``ΔW`` of ``adapter_names`` (default: the active adapter) to the base weights.
+
+        Undo with :meth:`unmerge_adapter`; ``safe_merge`` checks every merged weight for NaN/inf first.
+        """
         if adapter_names is None:
             if self.active_adapter is None:
                 raise AdapterStateError("no active adapter to merge; set_adapter() one first.")
@@ -363,22 +323,39 @@ class VBLoRATuner(nn.Module):
         for layer in self.layers():
             layer.unmerge()
 
-    def unload(
+    def merge_and_unload(
         self,
-        *,
-        merge: bool,
+        progressbar: bool = False,
         safe_merge: bool = False,
         adapter_names: Optional[Sequence[str]] = None,
-        progressbar: bool = False,
     ) -> nn.Module:
-        """Remove every wrapper (merging first if asked) and return the wrapped model itself."""
-        if merge:
-            self.merge_adapter(adapter_names, safe_merge=safe_merge)
+        """Merge ``adapter_names`` (default: the active adapter) and return the base model itself.
+
+        Args:
+            progressbar: Show a progress bar over the modules.
+            safe_merge: Check every merged weight for NaN/inf before writing it.
+            adapter_names: The adapters to merge.
+
+        Returns:
+            The original model object, its targeted weights updated; the
+            active adapter's ``modules_to_save`` copies take the originals' places.
+
+        Example:
+            >>> merged = model.merge_and_unload()  # doctest: +SKIP
+        """
+        self.merge_adapter(adapter_names, safe_merge=safe_merge)
+        return self._unwrap(progressbar, "Unloading and merging model")
+
+    def unload(self) -> nn.Module:
+        """Remove every wrapper without merging and return the base model."""
+        return self._unwrap(False, "Unloading model")
+
+    def _unwrap(self, progressbar: bool, description: str) -> nn.Module:
         modules = list(self.wrappers())
         if progressbar:
-            from tqdm.auto import tqdm  # transformers' dependency, as in PEFT
+            from tqdm.auto import tqdm  # huggingface_hub's dependency, as in PEFT
 
-            modules = tqdm(modules, desc="Unloading " + ("and merging " if merge else "") + "model")
+            modules = tqdm(modules, desc=description)
         for module in modules:
             if isinstance(module, VBLoRALinear):
                 self._replace(module, module.base_layer)

@@ -18,7 +18,7 @@ from ..format.atomic import TMP_PREFIX
 from .card import model_card
 from ..sources import describe_repo, hub_errors, is_repo_id
 
-__all__ = ["push"]
+__all__ = ["push", "push_model"]
 
 
 def push(
@@ -97,3 +97,21 @@ def push(
                 create_pr=create_pr,
             )
     return info.pr_url or info.commit_url
+
+
+def push_model(model, repo_id: str, *, to: Optional[str] = None, **kwargs) -> str:
+    """Save ``model``'s adapters as ``save_pretrained`` does, in a temporary folder, then :func:`push` them.
+
+    Raises:
+        TypeError: an argument neither ``save_pretrained`` nor :func:`push` takes.
+    """
+    save_keys = {"selected_adapters", "save_only_topk_weights", "safe_serialization"}
+    push_keys = {"private", "revision", "commit_message", "create_pr"}
+    unknown = sorted(set(kwargs) - save_keys - push_keys)
+    if unknown:
+        raise TypeError(
+            f"push_to_hub() got unsupported argument(s) {unknown}; it takes {sorted(save_keys | push_keys)}."
+        )
+    with tempfile.TemporaryDirectory(prefix=TMP_PREFIX) as work:
+        model.save_pretrained(work, **{k: v for k, v in kwargs.items() if k in save_keys})
+        return push(work, repo_id, to=to, **{k: v for k, v in kwargs.items() if k in push_keys})
