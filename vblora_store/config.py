@@ -165,7 +165,9 @@ class VBLoRAConfig:
         """Read ``adapter_config.json`` from a folder (or the file itself).
 
         Example:
-            >>> cfg = VBLoRAConfig.from_pretrained("fixtures/tiny-llama-vblora")  # doctest: +SKIP
+            >>> cfg = VBLoRAConfig.from_pretrained("fixtures/tiny-llama-vblora")
+            >>> cfg.r, cfg.num_vectors, cfg.vector_length
+            (4, 64, 16)
         """
         path = Path(path)
         file = path / CONFIG_NAME if path.is_dir() else path

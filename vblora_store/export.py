@@ -108,7 +108,10 @@ def lora_tensors(adapter: StoredAdapter) -> Iterator[tuple[str, torch.Tensor]]:
         ``(out, r)`` of each module, then the other tensors.
 
     Example:
-        >>> tensors = dict(lora_tensors(read_adapter("fixtures/tiny-llama-vblora")))  # doctest: +SKIP
+        >>> from vblora_store import read_adapter
+        >>> tensors = dict(lora_tensors(read_adapter("fixtures/tiny-llama-vblora")))
+        >>> len(tensors), tuple(tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].shape)
+        (28, (4, 64))
     """
     for module, a, b in module_factors(adapter, dtype=torch.float32):
         yield lora_key(module, "A"), a.contiguous()
@@ -146,8 +149,10 @@ def export_lora(
         DestinationExistsError: ``dst`` exists and ``force`` is false.
 
     Example:
-        >>> export_lora("fixtures/tiny-llama-vblora", "/tmp/lora")  # doctest: +SKIP
-        >>> PeftModel.from_pretrained(base, "/tmp/lora")  # doctest: +SKIP
+        >>> [a.name for a in export_lora("fixtures/tiny-llama-vblora", tmp / "lora")]
+        ['default']
+        >>> import json; json.loads((tmp / "lora" / "adapter_config.json").read_text())["peft_type"]
+        'LORA'
     """
     src = resolve_source(src, revision=revision, subfolder=subfolder)
     check_destination(dst, force=force, sources=(src,))

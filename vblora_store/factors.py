@@ -89,7 +89,7 @@ def module_factors(
         >>> from vblora_store.format import read_adapter
         >>> name, a, b = next(module_factors(read_adapter("fixtures/tiny-llama-vblora")))
         >>> name, tuple(a.shape), tuple(b.shape)
-        ('model.layers.0.self_attn.q_proj', (4, 64), (64, 4))
+        ('model.layers.0.mlp.down_proj', (4, 128), (64, 4))
     """
     bank = adapter.checked_tensor(BANK_KEY).to(dtype)
     for module in adapter.modules if modules is None else modules:

@@ -30,7 +30,8 @@ def describe(adapter: StoredAdapter) -> dict:
     """A JSON-ready description of one stored adapter: the tensors as the file stores them.
 
     Example:
-        >>> describe(read_adapters("fixtures/tiny-llama-vblora")[0])["form"]  # doctest: +SKIP
+        >>> from vblora_store import read_adapters
+        >>> describe(read_adapters("fixtures/tiny-llama-vblora")[0])["form"]
         'full'
     """
     return {

@@ -146,8 +146,10 @@ def plan_merge(adapter: StoredAdapter, checkpoint: Checkpoint) -> MergePlan:
             message names the module and the checkpoint.
 
     Example:
-        >>> adapter = read_adapter("fixtures/tiny-llama-vblora")  # doctest: +SKIP
-        >>> plan_merge(adapter, read_checkpoint("base")).deltas  # doctest: +SKIP
+        >>> from vblora_store.checkpoint import read_checkpoint
+        >>> plan = plan_merge(read_adapter("fixtures/tiny-llama-vblora"), read_checkpoint(checkpoint))
+        >>> len(plan.deltas), plan.deltas["model.layers.0.self_attn.q_proj.weight"]
+        (14, 'model.layers.0.self_attn.q_proj')
     """
     plan = MergePlan()
     fan_in_fan_out = adapter.config.fan_in_fan_out
@@ -275,7 +277,8 @@ def merge(
         DestinationExistsError: ``out`` exists and ``force`` is false.
 
     Example:
-        >>> merge("llama-base", "fixtures/tiny-llama-vblora", "merged", dtype="bfloat16")  # doctest: +SKIP
+        >>> merge(checkpoint, "fixtures/tiny-llama-vblora", tmp / "merged", dtype="bfloat16")
+        MergeSummary(shards=1, merged_modules=14, replaced_tensors=0)
     """
     base_dir, dtype = Path(base_dir), MergeDtype(dtype)
     adapter_path = resolve_source(adapter_path, revision=revision, subfolder=subfolder, nested=False)

@@ -47,8 +47,10 @@ def bank_usage(adapter: StoredAdapter) -> BankUsage:
         InvalidAdapterError: a stored index lies outside ``[0, num_vectors)``.
 
     Example:
-        >>> bank_usage(read_adapters("fixtures/tiny-llama-vblora")[0]).unused  # doctest: +SKIP
-        []
+        >>> from vblora_store import read_adapters
+        >>> usage = bank_usage(read_adapters("fixtures/tiny-llama-vblora")[0])
+        >>> usage.unused, len(usage.counts)
+        ([], 64)
     """
     n = adapter.config.num_vectors
     counts = torch.zeros(n, dtype=torch.int64)

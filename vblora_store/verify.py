@@ -63,8 +63,10 @@ def verify_adapters(reference: StoredAdapter, candidate: StoredAdapter) -> Verif
         InvalidAdapterError: the two adapt different modules or shapes.
 
     Example:
-        >>> v = verify_adapters(read_adapter("full"), read_adapter("packed"))  # doctest: +SKIP
-        >>> v.max_rel_error < 1e-6  # doctest: +SKIP
+        >>> from vblora_store import convert, read_adapter
+        >>> _ = convert("fixtures/tiny-llama-vblora", tmp / "packed", to="packed")
+        >>> v = verify_adapters(read_adapter("fixtures/tiny-llama-vblora"), read_adapter(tmp / "packed"))
+        >>> v.max_rel_error < 1e-6
         True
     """
     if reference.modules != candidate.modules:

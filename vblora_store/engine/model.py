@@ -45,10 +45,12 @@ class VBLoRAModel(nn.Module):
             once (least recently used out first); ``None`` keeps every one run.
 
     Example:
-        >>> model = VBLoRAModel(base, VBLoRAConfig(r=4, num_vectors=256, vector_length=64,
-        ...                                        target_modules=["q_proj", "v_proj"]))  # doctest: +SKIP
-        >>> model.print_trainable_parameters()  # doctest: +SKIP
-        >>> model.save_pretrained("out", save_only_topk_weights=True)  # doctest: +SKIP
+        >>> from vblora_store import VBLoRAConfig
+        >>> model = VBLoRAModel(base, VBLoRAConfig(r=4, num_vectors=64, vector_length=16,
+        ...                                        target_modules=["q_proj", "v_proj"]))
+        >>> model.print_trainable_parameters()
+        trainable params: 9,216 || all params: 107,840 || trainable%: 8.5460
+        >>> model.save_pretrained(tmp / "out", save_only_topk_weights=True)
     """
 
     def __init__(
@@ -106,7 +108,9 @@ class VBLoRAModel(nn.Module):
             TargetingError: the adapter's modules do not fit ``model``.
 
         Example:
-            >>> model = VBLoRAModel.from_pretrained(base, "adapters/topk")  # doctest: +SKIP
+            >>> model = VBLoRAModel.from_pretrained(base, "fixtures/tiny-llama-vblora")
+            >>> model.active_adapter, model.storage_form["default"].value
+            ('default', 'full')
         """
         self = cls.__new__(cls)
         nn.Module.__init__(self)
@@ -126,7 +130,10 @@ class VBLoRAModel(nn.Module):
         """Add a freshly initialised adapter (trainable if it is the first one, like PEFT).
 
         Example:
-            >>> model.add_adapter("second", VBLoRAConfig(target_modules=["q_proj"]))  # doctest: +SKIP
+            >>> from vblora_store import VBLoRAConfig
+            >>> model.add_adapter("second", VBLoRAConfig(r=2, num_vectors=8, vector_length=16, target_modules=["q_proj"]))
+            >>> list(model.peft_config)
+            ['default', 'second']
         """
         tuner = self.base_model
         tuner.inject(adapter_name, as_config(config), None, meta=low_cpu_mem_usage)
@@ -216,8 +223,10 @@ class VBLoRAModel(nn.Module):
         """Run the base model alone inside the ``with`` block (a merged adapter is unmerged).
 
         Example:
-            >>> with model.disable_adapter():  # doctest: +SKIP
-            ...     base_logits = model(input_ids).logits
+            >>> with model.disable_adapter():
+            ...     base_logits = model(input_ids=ids).logits
+            >>> torch.equal(base_logits, base(input_ids=ids).logits)
+            True
         """
         wrappers = list(self.base_model.wrappers())
         for module in wrappers:
@@ -256,7 +265,9 @@ class VBLoRAModel(nn.Module):
             AdapterStateError: an unknown adapter, or ``save_directory`` is a file.
 
         Example:
-            >>> model.save_pretrained("out", save_only_topk_weights=True)  # doctest: +SKIP
+            >>> model.save_pretrained(tmp / "out", save_only_topk_weights=True)
+            >>> sorted(p.name for p in (tmp / "out").iterdir())
+            ['README.md', 'adapter_config.json', 'adapter_model.safetensors']
         """
         save_model(
             self.base_model, save_directory, safe_serialization=safe_serialization,
@@ -353,7 +364,8 @@ class VBLoRAModel(nn.Module):
         Each prompt keeps its adapter across beams and returned sequences.
 
         Example:
-            >>> model.generate(input_ids, adapter_names=["a", "b", "__base__"])  # doctest: +SKIP
+            >>> model.generate(ids, adapter_names=["default", "__base__"], max_new_tokens=2).shape
+            torch.Size([2, 7])
         """
         return call_routed(
             self.base_model, self.base_model.model.generate, args, kwargs, adapter_names, generating=True

@@ -341,7 +341,9 @@ class VBLoRATuner(nn.Module):
             active adapter's ``modules_to_save`` copies take the originals' places.
 
         Example:
-            >>> merged = model.merge_and_unload()  # doctest: +SKIP
+            >>> merged = model.merge_and_unload()
+            >>> type(merged).__name__
+            'LlamaForCausalLM'
         """
         self.merge_adapter(adapter_names, safe_merge=safe_merge)
         return self._unwrap(progressbar, "Unloading and merging model")

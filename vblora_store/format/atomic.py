@@ -74,8 +74,9 @@ def remove_stale_temps(dst: Union[str, Path]) -> list[Path]:
         The paths removed.
 
     Example:
-        >>> remove_stale_temps("out/adapter-topk")  # doctest: +SKIP
-        [PosixPath('out/.vblora-store-tmp-adapter-topk-41377-k2j9x0aq')]
+        >>> (tmp / ".vblora-store-tmp-adapter-topk-999999999-k2j9x0aq").mkdir()  # a dead process's
+        >>> [p.name for p in remove_stale_temps(tmp / "adapter-topk")]
+        ['.vblora-store-tmp-adapter-topk-999999999-k2j9x0aq']
     """
     dst = Path(dst)
     removed = []
@@ -107,8 +108,10 @@ def atomic_folder(dst: Union[str, Path], *, force: bool = False) -> Iterator[Pat
             renamed in, then the old one is deleted).
 
     Example:
-        >>> with atomic_folder(tmp / "out") as work:  # doctest: +SKIP
-        ...     (work / "a.txt").write_text("hello")
+        >>> with atomic_folder(tmp / "out") as work:
+        ...     _ = (work / "a.txt").write_text("hello")
+        >>> (tmp / "out" / "a.txt").read_text()
+        'hello'
     """
     dst = check_destination(dst, force=force)
     with _write_errors(dst):
@@ -139,8 +142,10 @@ def atomic_file(dst: Union[str, Path]) -> Iterator[Path]:
     """Yield a temporary path beside ``dst``; on a clean exit it replaces ``dst``.
 
     Example:
-        >>> with atomic_file("usage.png") as tmp:  # doctest: +SKIP
-        ...     figure.savefig(tmp)
+        >>> with atomic_file(tmp / "note.txt") as work:
+        ...     _ = work.write_text("done")
+        >>> (tmp / "note.txt").read_text()
+        'done'
     """
     dst = Path(dst)
     with _write_errors(dst):

@@ -127,7 +127,10 @@ def convert(
         The adapters as read from ``src``.
 
     Example:
-        >>> convert("fixtures/tiny-llama-vblora", "/tmp/packed", to="packed")  # doctest: +SKIP
+        >>> [a.form.value for a in convert("fixtures/tiny-llama-vblora", tmp / "packed", to="packed")]
+        ['full']
+        >>> sorted(p.name for p in (tmp / "packed").iterdir())
+        ['adapter_config.json', 'adapter_model.safetensors']
     """
     src = resolve_source(src, revision=revision, subfolder=subfolder)
     check_destination(dst, force=force, sources=(src,))

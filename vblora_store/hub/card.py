@@ -42,7 +42,10 @@ def model_card(adapters: Sequence[StoredAdapter], *, repo_id: str) -> str:
         The card's text.
 
     Example:
-        >>> print(model_card(read_adapters("ship/tiny"), repo_id="acme/tiny"))  # doctest: +SKIP
+        >>> from vblora_store import read_adapters
+        >>> card = model_card(read_adapters("fixtures/tiny-llama-vblora"), repo_id="acme/tiny")
+        >>> card.splitlines()[1], "## Compression report" in card
+        ('library_name: peft', True)
     """
     from huggingface_hub import ModelCardData
 
