@@ -15,7 +15,7 @@ from __future__ import annotations
 import importlib
 from typing import Any, Iterator
 
-__all__ = ["StorageForm", "register_form", "unregister_form"]
+__all__ = ["StorageForm", "register_form", "unregister_form", "markdown_table"]
 
 
 class _Registry(type):
@@ -135,6 +135,21 @@ def register_form(name: str, *, codec: str, summary: str, has_logits: bool = Fal
     form._summary, form._has_logits, form._peft_reads = summary, has_logits, peft_reads
     StorageForm._forms[name] = form
     return form
+
+
+def markdown_table() -> str:
+    """The storage forms as a Markdown table (docs/format.md holds this table; a test compares them).
+
+    Example:
+        >>> print(markdown_table().splitlines()[2])
+        | `full` | every logit, as PEFT saves by default; training can resume | yes | yes |
+    """
+    lines = ["| form | stores | training can resume | PEFT reads it |", "|---|---|---|---|"]
+    lines += [
+        f"| `{form}` | {form.summary} | {'yes' if form.has_logits else 'no'} | {'yes' if form.peft_reads else 'no'} |"
+        for form in StorageForm
+    ]
+    return "\n".join(lines)
 
 
 def unregister_form(name: str) -> None:
