@@ -47,7 +47,7 @@ def test_a_registered_form_is_known_everywhere(toy, tmp_path):
 
 def test_unknown_forms_and_duplicate_names_are_refused(toy):
     with pytest.raises(
-        ValueError, match="'zip' is not a storage form; the forms are 'full', 'topk', 'packed', 'toy'"
+        ValueError, match="'zip' is not a storage form; the forms are 'full', 'topk', 'packed', 'compressed', 'toy'"
     ):
         StorageForm("zip")
     with pytest.raises(ValueError, match="registered already"):

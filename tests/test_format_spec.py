@@ -49,7 +49,7 @@ def _golden_file(example: str) -> bytes:
     return struct.pack("<Q", length) + header.ljust(length, b" ") + data
 
 
-@pytest.mark.parametrize("form", ["topk", "packed"])
+@pytest.mark.parametrize("form", ["topk", "packed", "compressed"])
 def test_worked_example_bytes_match_the_spec(tmp_path, form):
     """convert writes exactly the bytes docs/format.md spells out, for each form we write."""
     _example_full_adapter(tmp_path / "full")
@@ -64,6 +64,17 @@ def test_packed_example_unpacks_to_the_topk_example(tmp_path):
     convert(tmp_path / "full", tmp_path / "packed", to="packed")
     convert(tmp_path / "packed", tmp_path / "topk", to="topk")
     assert (tmp_path / "topk" / "adapter_model.safetensors").read_bytes() == _golden_file("topk-example")
+
+
+def test_compressed_example_is_the_packed_example_in_byte_planes():
+    """Each compressed tensor is its packed tensor's bytes regrouped: byte j of every value, j = 0..3."""
+    packed = bytes.fromhex(_golden("packed-example:data").replace("\n", " "))
+    compressed = bytes.fromhex(_golden("compressed-example:data").replace("\n", " "))
+    for start, end in ((0, 24), (24, 36)):  # the bank, the weights: float32, 4 planes each
+        values = packed[start:end]
+        planes = b"".join(values[j::4] for j in range(4))
+        assert compressed[start:end] == planes
+    assert compressed[36:] == packed[36:]  # the indices stay bit-packed
 
 
 def test_packed_example_indices_are_the_hand_packed_bits():

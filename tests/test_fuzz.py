@@ -1,9 +1,9 @@
 """Fuzzing: damaged and hostile adapters never crash a command, never leave a partial destination.
 
 Every example starts from real files (the PEFT-made fixture, and its top-k,
-packed and ``.bin`` forms), damages them (truncation, byte overwrites in the
-header and the data, hostile header JSON, hostile config values, damaged packed
-metadata) and runs ``inspect``, ``report``, ``convert`` and ``verify``.  Each
+packed, compressed (lossless and int4) and ``.bin`` forms), damages them
+(truncation, byte overwrites in the header and the data, hostile header JSON,
+hostile config values, damaged packed and compressed metadata) and runs ``inspect``, ``report``, ``convert`` and ``verify``.  Each
 must exit 0 (or 1 for ``verify``: the values changed) or 2 with a one-line
 message: never a traceback, never "unexpected" (a check the library missed).
 """
@@ -27,11 +27,12 @@ from safetensors.torch import load_file, save_file
 
 from conftest import ROOT, SINGLE_FIXTURE, leftovers, run_cli, snapshot
 from vblora_store import VBLoRAStoreError, convert, read_adapters
+from vblora_store.format.codecs import compressed
 from vblora_store.format.codecs.packed import METADATA_KEY
 from vblora_store.usage import bank_usage
 
 CONFIG, WEIGHTS, WEIGHTS_BIN = "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"
-FORMS = ("full", "topk", "packed", "bin")
+FORMS = ("full", "topk", "packed", "compressed", "compressed-int4", "bin")
 FUZZ = settings(
     max_examples=25,
     deadline=10_000,  # ms per example: a hang fails the test
@@ -47,6 +48,10 @@ def sources(tmp_path_factory) -> dict[str, Path]:
     shutil.copytree(SINGLE_FIXTURE, root / "full")
     convert(root / "full", root / "topk", to="topk")
     convert(root / "full", root / "packed", to="packed")
+    convert(root / "full", root / "compressed", to="compressed")
+    convert(
+        root / "full", root / "compressed-int4", to="compressed", bank_dtype="int4", weights_dtype="fixed8"
+    )
     (root / "bin").mkdir()
     shutil.copy(SINGLE_FIXTURE / CONFIG, root / "bin" / CONFIG)
     torch.save(load_file(str(SINGLE_FIXTURE / WEIGHTS)), root / "bin" / WEIGHTS_BIN)
@@ -68,7 +73,7 @@ def assert_commands_behave(adapter: Path, reference: Path) -> None:
     before = snapshot(adapter)
     out = adapter.parent / "out"
     commands = [("inspect", adapter), ("report", adapter, "--format", "json"), ("verify", reference, adapter)]
-    commands += [("convert", adapter, out / to, "--to", to) for to in ("topk", "packed")]
+    commands += [("convert", adapter, out / to, "--to", to) for to in ("topk", "packed", "compressed")]
     for command in commands:
         result = run_cli(*command)
         allowed = {0, 1, 2} if command[0] == "verify" else {0, 2}
@@ -146,7 +151,7 @@ def rewrite_header(path: Path, edit) -> None:
 
 @FUZZ
 @given(
-    form=st.sampled_from(("full", "topk", "packed")),
+    form=st.sampled_from(("full", "topk", "packed", "compressed")),
     pick=st.integers(0, 10**6),
     field=st.sampled_from(("shape", "data_offsets", "dtype", "drop", "metadata")),
     shape=hostile_shapes,
@@ -166,7 +171,8 @@ def test_hostile_header_values(sources, tmp_path, form, pick, field, shape, offs
         if field == "drop":
             del header[key]
         elif field == "metadata":
-            header["__metadata__"] = {METADATA_KEY: metadata} if form == "packed" else {"format": metadata}
+            key = {"packed": METADATA_KEY, "compressed": compressed.METADATA_KEY}.get(form, "format")
+            header["__metadata__"] = {key: metadata}
         else:
             header[key][field] = {"shape": shape, "data_offsets": offsets, "dtype": dtype}[field]
 
@@ -257,6 +263,38 @@ def test_hostile_packed_metadata(sources, tmp_path, field, value, drop):
         else:
             description[field] = value
         header["__metadata__"][METADATA_KEY] = json.dumps(description, allow_nan=True)
+
+    rewrite_header(adapter / WEIGHTS, edit)
+    assert_commands_behave(adapter, sources["full"])
+
+
+compressed_fields = st.sampled_from(("format", "version", "codec", "level", "packed", "tensors"))
+plane_lists = st.lists(
+    st.tuples(st.integers(-(2**40), 2**40), st.sampled_from(("zstd", "raw", "lzma"))), max_size=5
+)
+tensor_entries = st.fixed_dictionaries(
+    {"dtype": st.sampled_from(("F32", "F16", "U8", "I64", "Z9")), "shape": st.one_of(json_values, st.just([64, 16])),
+     "planes": st.one_of(json_values, plane_lists)}
+)  # fmt: skip
+
+
+@FUZZ
+@given(
+    field=compressed_fields,
+    value=st.one_of(json_values, st.dictionaries(st.sampled_from(("vblora_packed.bank", "vblora_packed.weights",
+                                                                   "other")), tensor_entries, max_size=2)),
+    drop=st.booleans(),
+)  # fmt: skip
+def test_hostile_compressed_metadata(sources, tmp_path, field, value, drop):
+    adapter = damaged_copy(sources, "compressed", tmp_path)
+
+    def edit(header: dict) -> None:
+        description = json.loads(header["__metadata__"][compressed.METADATA_KEY])
+        if drop:
+            del description[field]
+        else:
+            description[field] = value
+        header["__metadata__"][compressed.METADATA_KEY] = json.dumps(description, allow_nan=True)
 
     rewrite_header(adapter / WEIGHTS, edit)
     assert_commands_behave(adapter, sources["full"])

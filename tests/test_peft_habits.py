@@ -192,7 +192,7 @@ def test_plot_into_proc_and_stdout_on_dev_full_are_plain_lines(single_copy):
 @pytest.mark.parametrize(
     "args, fragment",
     [
-        (["convert", "a", "b", "--to", "zip"], "'zip' is not one of 'full', 'topk', 'packed'; see"),
+        (["convert", "a", "b", "--to", "zip"], "'zip' is not one of 'full', 'topk', 'packed', 'compressed'; see"),
         (["convert", "a", "b", "--recursive", "--jobs", "0"], "invalid value for '--jobs'"),
         (["nope"], "no such command 'nope'"),
         (["verify", "a", "b", "--tol", "nan"], "'nan' is not a number >= 0"),

@@ -23,7 +23,7 @@ _HOMES = {
     "WriteError": "errors",
     "export_lora": "export",
     "StorageForm": "choices", "ReportFormat": "choices",
-    "StoredAdapter": "format", "convert": "format", "index_dtype": "format", "read_adapter": "format",
+    "StoredAdapter": "format", "convert": "precision", "index_dtype": "format", "read_adapter": "format",
     "read_adapters": "format",
     "push": "hub", "resolve_source": "hub",
     "merge": "merge",

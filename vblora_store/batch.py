@@ -7,7 +7,7 @@ inside a root is searched further.  Hidden folders (such as vblora_store's own
 ``.vblora-store-tmp-*``) and symbolic links to folders are never entered, so
 discovery cannot loop or leave the tree.
 
-Each root is converted by :func:`vblora_store.format.convert` into the same
+Each root is converted by :func:`vblora_store.precision.convert` into the same
 relative path under the destination tree, atomically on its own; a broken
 adapter is reported by its path and stops none of the others.  With
 ``jobs > 1`` the roots are shared among worker processes.
@@ -25,7 +25,8 @@ from typing import Callable, Optional, Union
 
 from .config import CONFIG_NAME
 from .errors import AdapterNotFoundError, VBLoRAStoreError
-from .format import StorageForm, check_destination, convert
+from .format import StorageForm, check_destination
+from .precision import convert
 from .choices import BankDtype, WeightsDtype
 from .results import EXIT_BAD_INPUT, EXIT_OK, Result
 
@@ -123,8 +124,9 @@ def convert_tree(
     to: Union[StorageForm, str] = StorageForm.TOPK,
     jobs: int = 1,
     force: bool = False,
-    weights_dtype: Union[WeightsDtype, str] = WeightsDtype.FLOAT32,
-    bank_dtype: Union[BankDtype, str] = BankDtype.FLOAT32,
+    weights_dtype: Union[WeightsDtype, str, None] = None,
+    bank_dtype: Union[BankDtype, str, None] = None,
+    max_error: Optional[float] = None,
     progress: Optional[Progress] = None,
 ) -> BatchResult:
     """Convert every adapter root under ``src_root`` into the same relative path under ``dst_root``.
@@ -135,7 +137,7 @@ def convert_tree(
     Args:
         src_root: The tree to search (see :func:`find_adapter_roots`).
         dst_root: The tree to write; neither inside ``src_root`` nor holding it.
-        to, force, weights_dtype, bank_dtype: As for :func:`vblora_store.format.convert`.
+        to, force, weights_dtype, bank_dtype, max_error: As for :func:`vblora_store.precision.convert`.
         jobs: Worker processes; 1 converts in this process.
         progress: Called after each adapter root, in completion order.
 
@@ -157,7 +159,8 @@ def convert_tree(
         raise AdapterNotFoundError(f"{src_root}: no {CONFIG_NAME} anywhere under it; check the path.")
     check_destination(dst_root, force=True, sources=(src_root,))
     tasks = [(root, dst_root / root.relative_to(src_root)) for root in roots]
-    options = dict(to=StorageForm(to), force=force, weights_dtype=weights_dtype, bank_dtype=bank_dtype)
+    given = dict(weights_dtype=weights_dtype, bank_dtype=bank_dtype, max_error=max_error)
+    options = dict(to=StorageForm(to), force=force, **{k: v for k, v in given.items() if v is not None})
     outcomes: dict[Path, BatchItem] = {}
 
     def record(item: BatchItem) -> None:

@@ -23,11 +23,15 @@ class WeightsDtype(str, Enum):
         FLOAT32: as PEFT stores them: lossless.
         FLOAT16: half the bytes; about 3 significant digits.
         BFLOAT16: half the bytes; about 2 significant digits, float32's range.
+        FIXED16: 16-bit fixed point over the stored weights' own range [min, max].
+        FIXED8: 8-bit fixed point over that range: a quarter of the bytes.
     """
 
     FLOAT32 = "float32"
     FLOAT16 = "float16"
     BFLOAT16 = "bfloat16"
+    FIXED16 = "fixed16"
+    FIXED8 = "fixed8"
 
 
 class BankDtype(str, Enum):
@@ -37,14 +41,18 @@ class BankDtype(str, Enum):
         FLOAT32: lossless.
         FLOAT16: half the bytes.
         BFLOAT16: half the bytes, float32's range.
-        INT8: a quarter of the bytes: each vector scaled by max|v| / 127 and rounded;
+        FLOAT8_E4M3: a quarter of the bytes: each vector scaled to float8 e4m3's range (448) and cast;
             the scales are stored as float32 (N,).
+        INT8: a quarter of the bytes: each vector scaled by max|v| / 127 and rounded; scales likewise.
+        INT4: an eighth of the bytes: each vector scaled by max|v| / 7, rounded, two values a byte.
     """
 
     FLOAT32 = "float32"
     FLOAT16 = "float16"
     BFLOAT16 = "bfloat16"
+    FLOAT8_E4M3 = "float8_e4m3"
     INT8 = "int8"
+    INT4 = "int4"
 
 
 class ReportFormat(str, Enum):

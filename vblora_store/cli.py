@@ -62,6 +62,12 @@ def inspect_cmd(path: str, fmt: str, as_json: bool) -> None:
     "Packed form: vector bank precision (float32 is lossless; int8 keeps a scale per vector).",
 )
 @click.option(
+    "--max-error",
+    type=Number(0),
+    help="Packed or compressed form: choose the fewest-bits bank and weights precision whose measured "
+    "relative ΔW error is at most X (0: the smallest lossless form).",
+)
+@click.option(
     "--recursive",
     is_flag=True,
     help="Convert every adapter folder under SRC into the same relative path under DST.",
@@ -81,6 +87,7 @@ def convert_cmd(
     force: bool,
     weights_dtype: str,
     bank_dtype: str,
+    max_error: Optional[float],
     recursive: bool,
     jobs: int,
     fmt: str,
@@ -95,15 +102,24 @@ def convert_cmd(
     from .accounting import account
     from .batch import convert_tree
     from .format import convert, read_adapters
+    from .precision import convert_choosing
     from .report import build_report
 
-    options = dict(to=to, force=force, weights_dtype=weights_dtype, bank_dtype=bank_dtype)
+    options = dict(to=to, force=force)
+    ctx = click.get_current_context()
+    for name, value in (("weights_dtype", weights_dtype), ("bank_dtype", bank_dtype)):
+        if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT:
+            options[name] = value  # given: --max-error refuses it rather than override it
     if recursive:
-        result = convert_tree(src, dst, jobs=jobs, progress=_batch_progress(), **options)
+        result = convert_tree(src, dst, jobs=jobs, progress=_batch_progress(), max_error=max_error, **options)
         for item in result.failed:
             click.echo(f"error: {item.src}: {item.error}", err=True)
         emit(result, fmt)
-    convert(src, dst, **options)
+    if max_error is None:
+        convert(src, dst, **options)
+    else:
+        for choice in convert_choosing(src, dst, max_error=max_error, **options):
+            click.echo(f"chose {choice.describe()} <= {max_error:g}", err=True)
     emit(build_report([account(a) for a in read_adapters(dst)]), fmt)
 
 

@@ -58,6 +58,7 @@ DTYPES: tuple[DType, ...] = (
     DType("int64", "I64", 64, False),
     DType("int32", "I32", 32, False),
     DType("int16", "I16", 16, False),
+    DType("uint16", "U16", 16, False),
     DType("int8", "I8", 8, False),
     DType("uint8", "U8", 8, False),
     DType("bool", "BOOL", 8, False),

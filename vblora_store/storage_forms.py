@@ -50,6 +50,8 @@ class StorageForm(str, metaclass=_Registry):
             entry ``(..., k - 1)``; inference and merging only.
         PACKED: vblora_store's form of the same top-k data: indices bit-packed,
             one tensor per kind, optional lower precision (docs/format.md).
+        COMPRESSED: the packed form with its bank and weights split into byte
+            planes and zstd-compressed; the same data, bit for bit.
 
     Example:
         >>> StorageForm("packed") is StorageForm.PACKED, StorageForm.TOPK.has_logits
@@ -62,6 +64,7 @@ class StorageForm(str, metaclass=_Registry):
     FULL: "StorageForm"
     TOPK: "StorageForm"
     PACKED: "StorageForm"
+    COMPRESSED: "StorageForm"
 
     @property
     def value(self) -> str:
@@ -154,7 +157,7 @@ def markdown_table() -> str:
 
 def unregister_form(name: str) -> None:
     """Remove a form added by :func:`register_form` (the built-in ones stay)."""
-    if name in ("full", "topk", "packed"):
+    if name in _BUILT_IN:
         raise ValueError(f"{name!r} is built in and stays registered")
     StorageForm._forms.pop(name, None)
 
@@ -177,3 +180,9 @@ StorageForm.PACKED = register_form(
     codec="vblora_store.format.codecs.packed:CODEC",
     summary="the top-k data with bit-packed indices, one tensor per kind, optional lower precision",
 )
+StorageForm.COMPRESSED = register_form(
+    "compressed",
+    codec="vblora_store.format.codecs.compressed:CODEC",
+    summary="the packed form with the bank and weights split into byte planes and zstd-compressed",
+)
+_BUILT_IN = frozenset(StorageForm._forms)  # registered above; unregister_form keeps them

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 from safetensors.torch import save_file
@@ -61,7 +61,8 @@ def convert_tensors(
     asked = {name for name, value in options.items() if value.value != "float32"}
     if asked - set(to.codec.options):
         raise UnsupportedConversionError(
-            f"{adapter.folder}: --weights-dtype and --bank-dtype apply to the packed form only; add --to packed."
+            f"{adapter.folder}: --weights-dtype and --bank-dtype apply to the packed and compressed forms only; "
+            "add --to packed."
         )
     if not adapter.form.has_logits and to.has_logits:
         raise UnsupportedConversionError(
@@ -108,6 +109,7 @@ def convert(
     bank_dtype: Union[BankDtype, str] = BankDtype.FLOAT32,
     revision: Optional[str] = None,
     subfolder: Optional[str] = None,
+    precision: Optional[Callable[[StoredAdapter], dict]] = None,
 ) -> list[StoredAdapter]:
     """Convert every adapter of the folder ``src`` into ``dst``, atomically.
 
@@ -119,9 +121,13 @@ def convert(
         dst: The folder to create.
         to: Target form (``"topk"``, ``"packed"`` or ``"full"``).
         force: Replace ``dst`` if it exists.
-        weights_dtype: Packed form only: ``float32`` (lossless), ``float16``, ``bfloat16``.
-        bank_dtype: Packed form only: ``float32`` (lossless), ``float16``, ``bfloat16``, ``int8``.
+        weights_dtype: Packed and compressed forms: ``float32`` (lossless), ``float16``, ``bfloat16``,
+            ``fixed16``, ``fixed8``.
+        bank_dtype: Packed and compressed forms: ``float32`` (lossless), ``float16``, ``bfloat16``,
+            ``float8_e4m3``, ``int8``, ``int4``.
         revision, subfolder: Of a repo id (or a sub-folder of a local ``src``).
+        precision: Gives each adapter its ``weights_dtype`` and ``bank_dtype``
+            (:func:`vblora_store.precision.convert` chooses them by measured error).
 
     Returns:
         The adapters as read from ``src``.
@@ -137,9 +143,10 @@ def convert(
     adapters = read_adapters(src)
     with atomic_folder(dst, force=force) as work:
         for adapter in adapters:
-            config, tensors, metadata = convert_tensors(
-                adapter, to, weights_dtype=weights_dtype, bank_dtype=bank_dtype
-            )
+            chosen = dict(weights_dtype=weights_dtype, bank_dtype=bank_dtype)
+            if precision is not None:
+                chosen.update(precision(adapter))
+            config, tensors, metadata = convert_tensors(adapter, to, **chosen)
             write_adapter(work if adapter.folder == src else work / adapter.name, config, tensors, metadata)
             del tensors
     return adapters

@@ -4,8 +4,8 @@ Specified byte by byte in docs/format.md ("The packed form").  In short::
 
     vblora_packed.indices     uint8 (ceil(S·k·b / 8),)   all top-k indices, b = ceil(log2 N) bits each
     vblora_packed.weights     (S, k - 1)                  all stored top-k weights
-    vblora_packed.bank        (N, L)                      the bank (int8 with a scale per vector, or float)
-    vblora_packed.bank_scale  float32 (N,)                only when the bank is int8
+    vblora_packed.bank        (N, L)                      the bank: float, or scaled codes (int4: two a byte)
+    vblora_packed.bank_scale  float32 (N,)                only with a scaled bank (float8_e4m3, int8, int4)
     <other PEFT keys>                                     modules_to_save, biases: untouched
 
 Slots are laid out module by module in the order of the module table, side A
@@ -30,6 +30,18 @@ from ..bitpack import bits_for, pack, packed_size, unpack
 from ..keys import BANK_KEY, index_dtype, indices_key, parse_key, weights_key
 from ..stored import TensorSpec
 from .base import Codec, Decoded, FormCounts
+from .precision import (
+    BANK,
+    WEIGHTS,
+    bank_bits,
+    bank_layout,
+    decode_bank,
+    decode_weights,
+    encode_bank,
+    encode_weights,
+    weights_bits,
+    weights_layout,
+)
 from .topk import CODEC as TOPK
 
 __all__ = [
@@ -48,13 +60,9 @@ __all__ = [
 FORMAT_NAME = "vblora-packed"
 FORMAT_VERSION = "1"
 INDICES = "vblora_packed.indices"
-WEIGHTS = "vblora_packed.weights"
-BANK = "vblora_packed.bank"
-BANK_SCALE = "vblora_packed.bank_scale"
 # One metadata key holding canonical JSON: safetensors writes metadata keys in
 # hash order, so several keys would make the bytes differ from run to run.
 METADATA_KEY = "vblora_store.packed"
-_INT8_MAX = 127
 
 
 def is_packed(metadata: dict | None) -> bool:
@@ -88,14 +96,6 @@ class Packing:
     def lossy(self) -> bool:
         """Whether the weights or the bank lose precision."""
         return (self.weights, self.bank) != (WeightsDtype.FLOAT32, BankDtype.FLOAT32)
-
-    @property
-    def weights_bits(self) -> int:
-        return by_name(self.weights.value).bits
-
-    @property
-    def bank_bits(self) -> int:
-        return by_name(self.bank.value).bits
 
     def info(self) -> dict[str, str]:
         """The stored dtypes and index width as ``inspect`` shows them."""
@@ -145,19 +145,13 @@ def pack_topk(
     bank = tensors[BANK_KEY]
     out = {k: v for k, v in tensors.items() if k != BANK_KEY and parse_key(k) is None}
     out[INDICES] = pack(all_indices, bits)
-    out[WEIGHTS] = torch.cat(weights).to(_dtype(weights_dtype.value))
-    if bank_dtype is BankDtype.INT8:
-        scale = bank.float().abs().amax(dim=1) / _INT8_MAX  # (N, L) -> (N,)
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        out[BANK] = torch.round(bank.float() / scale.unsqueeze(1)).clamp(-_INT8_MAX, _INT8_MAX).to(torch.int8)
-        out[BANK_SCALE] = scale
-    else:
-        out[BANK] = bank.to(_dtype(bank_dtype.value))
+    out.update(encode_weights(torch.cat(weights), weights_dtype))  # (S, k-1), at its precision
+    out.update(encode_bank(bank, bank_dtype))
     description = {
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,
         "index_bits": bits,
-        "num_slots": out[WEIGHTS].shape[0],
+        "num_slots": sum(w.shape[0] for w in weights),
         "weights_dtype": weights_dtype.value,
         "bank_dtype": bank_dtype.value,
         "restore_weights_dtype": name_of(restore_weights),
@@ -166,6 +160,68 @@ def pack_topk(
     }
     metadata = {METADATA_KEY: json.dumps(description, sort_keys=True, separators=(",", ":"))}
     return out, metadata
+
+
+@dataclass(frozen=True)
+class Description:
+    """A packed file's metadata, checked against the config: what the file must hold, and how to read it."""
+
+    packing: Packing
+    restore_weights: str  # the dtype the weights and bank are given back in
+    restore_bank: str
+    modules: list[tuple[str, int, int]]  # (name, in, out), the slots' order
+    shapes: list[tuple[str, str, tuple[int, int]]]  # (module, side, (rows, cols)) of every side, in order
+    slots: int
+    expected: dict[str, tuple[torch.dtype, tuple[int, ...]]]  # every packed tensor's dtype and shape
+
+
+def read_description(
+    text: str, *, r: int, num_vectors: int, vector_length: int, topk: int, source: str
+) -> Description:
+    """Parse and check the packed form's metadata (one JSON string) against the config.
+
+    Raises:
+        InvalidAdapterError: malformed, another version, or not fitting the config.
+    """
+
+    def bad(message: str) -> InvalidAdapterError:
+        return InvalidAdapterError(
+            f"{source}: packed form: {message}; the file is damaged or not ours, fetch it again."
+        )
+
+    try:
+        description = json.loads(text)
+        if description["format"] != FORMAT_NAME:
+            raise ValueError(f"format is {description['format']!r}")
+        version = description["version"]
+        bits = int(description["index_bits"])
+        weights_dtype = WeightsDtype(description["weights_dtype"])
+        bank_dtype = BankDtype(description["bank_dtype"])
+        restore_weights = WeightsDtype(description["restore_weights_dtype"]).value
+        restore_bank = WeightsDtype(description["restore_bank_dtype"]).value
+        modules = [(str(name), int(n_in), int(n_out)) for name, n_in, n_out in description["modules"]]
+    except (KeyError, ValueError, TypeError, OverflowError, RecursionError) as e:
+        raise bad(f"metadata is incomplete or malformed ({type(e).__name__}: {e})") from e
+    if version != FORMAT_VERSION:
+        raise InvalidAdapterError(
+            f"{source}: packed format version {version}; this vblora_store reads version {FORMAT_VERSION}. "
+            "Upgrade vblora_store."
+        )
+    if bits != bits_for(num_vectors):
+        raise bad(f"index_bits is {bits} but num_vectors={num_vectors} needs {bits_for(num_vectors)}")
+    shapes = []
+    for name, n_in, n_out in modules:
+        if n_in <= 0 or n_out <= 0 or n_in % vector_length or n_out % vector_length:
+            raise bad(
+                f"module {name!r} has features {n_in}x{n_out}, not positive multiples of {vector_length}"
+            )
+        shapes += [(name, "A", (r, n_in // vector_length)), (name, "B", (n_out // vector_length, r))]
+    slots = sum(a * b for _, _, (a, b) in shapes)
+    expected = {INDICES: (torch.uint8, (packed_size(slots * topk, bits),))}
+    expected.update(weights_layout(weights_dtype, slots, topk))
+    expected.update(bank_layout(bank_dtype, num_vectors, vector_length))
+    packing = Packing(bits, weights_dtype, bank_dtype)
+    return Description(packing, restore_weights, restore_bank, modules, shapes, slots, expected)
 
 
 def unpack_topk(
@@ -193,47 +249,24 @@ def unpack_topk(
     Raises:
         InvalidAdapterError: the metadata or a tensor does not fit the config.
     """
+    d = read_description(
+        metadata[METADATA_KEY],
+        r=r,
+        num_vectors=num_vectors,
+        vector_length=vector_length,
+        topk=topk,
+        source=source,
+    )
+    bits, weights_dtype, bank_dtype = d.packing.index_bits, d.packing.weights, d.packing.bank
+    restore_weights, restore_bank, slots, shapes, modules, expected = (
+        d.restore_weights, d.restore_bank, d.slots, d.shapes, d.modules, d.expected
+    )  # fmt: skip
 
     def bad(message: str) -> InvalidAdapterError:
         return InvalidAdapterError(
             f"{source}: packed form: {message}; the file is damaged or not ours, fetch it again."
         )
 
-    try:
-        description = json.loads(metadata[METADATA_KEY])
-        if description["format"] != FORMAT_NAME:
-            raise ValueError(f"format is {description['format']!r}")
-        version = description["version"]
-        bits = int(description["index_bits"])
-        weights_dtype = WeightsDtype(description["weights_dtype"])
-        bank_dtype = BankDtype(description["bank_dtype"])
-        restore_weights = WeightsDtype(description["restore_weights_dtype"])
-        restore_bank = WeightsDtype(description["restore_bank_dtype"])
-        modules = [(str(name), int(n_in), int(n_out)) for name, n_in, n_out in description["modules"]]
-    except (KeyError, ValueError, TypeError, OverflowError, RecursionError) as e:
-        raise bad(f"metadata is incomplete or malformed ({type(e).__name__}: {e})") from e
-    if version != FORMAT_VERSION:
-        raise InvalidAdapterError(
-            f"{source}: packed format version {version}; this vblora_store reads version {FORMAT_VERSION}. "
-            "Upgrade vblora_store."
-        )
-    if bits != bits_for(num_vectors):
-        raise bad(f"index_bits is {bits} but num_vectors={num_vectors} needs {bits_for(num_vectors)}")
-    shapes = []
-    for name, n_in, n_out in modules:
-        if n_in <= 0 or n_out <= 0 or n_in % vector_length or n_out % vector_length:
-            raise bad(
-                f"module {name!r} has features {n_in}x{n_out}, not positive multiples of {vector_length}"
-            )
-        shapes += [(name, "A", (r, n_in // vector_length)), (name, "B", (n_out // vector_length, r))]
-    slots = sum(a * b for _, _, (a, b) in shapes)
-    expected = {
-        INDICES: (torch.uint8, (packed_size(slots * topk, bits),)),
-        WEIGHTS: (_dtype(weights_dtype.value), (slots, topk - 1)),
-        BANK: (_dtype(bank_dtype.value), (num_vectors, vector_length)),
-    }
-    if bank_dtype is BankDtype.INT8:
-        expected[BANK_SCALE] = (torch.float32, (num_vectors,))
     for key, (dtype, shape) in expected.items():
         value = tensors.get(key)
         if value is None or value.dtype != dtype or tuple(value.shape) != shape:
@@ -241,15 +274,16 @@ def unpack_topk(
             raise bad(f"tensor {key!r} is {found}, expected {dtype} {list(shape)}")
 
     indices = unpack(tensors[INDICES], bits, slots * topk).to(index_dtype(num_vectors))  # (S·k,)
-    weights = tensors[WEIGHTS].to(_dtype(restore_weights.value))  # (S, k-1)
-    if weights_dtype.value != restore_weights.value:
-        weights = _fit_simplex(weights)
-    if bank_dtype is BankDtype.INT8:
-        bank = tensors[BANK].float() * tensors[BANK_SCALE].unsqueeze(1)  # (N, L) * (N, 1)
+    if weights_dtype.value == restore_weights:
+        weights = tensors[WEIGHTS]  # (S, k-1), stored as they were: bit for bit
     else:
+        weights = _fit_simplex(decode_weights(tensors, weights_dtype).to(_dtype(restore_weights)))
+    if bank_dtype.value == restore_bank:
         bank = tensors[BANK]
+    else:
+        bank = decode_bank(tensors, bank_dtype, (num_vectors, vector_length))
     out = {k: v for k, v in tensors.items() if not k.startswith("vblora_packed.")}
-    out[BANK_KEY] = bank.to(_dtype(restore_bank.value))
+    out[BANK_KEY] = bank.to(_dtype(restore_bank))
     slot = 0
     for name, side, (rows, cols) in shapes:
         n = rows * cols
@@ -260,7 +294,7 @@ def unpack_topk(
             rows, cols, topk - 1
         )  # (n, k-1) -> (rows, cols, k-1)
         slot += n
-    return modules, out, Packing(bits, weights_dtype, bank_dtype)
+    return modules, out, d.packing
 
 
 def _fit_simplex(weights: torch.Tensor) -> torch.Tensor:
@@ -319,11 +353,14 @@ class PackedCodec(Codec):
             weights_dtype=weights_dtype, bank_dtype=bank_dtype,
         )  # fmt: skip
 
+    def stored_bytes(self, tensors: dict[str, torch.Tensor]) -> int:
+        """Bytes these tensors take in this form's file (headers aside): what precision choices compare."""
+        return sum(t.numel() * t.element_size() for t in tensors.values())
+
     def savable_params(self, counts: FormCounts, packing: "Packing | None" = None) -> int:
         packing = packing or Packing(bits_for(counts.num_vectors))
-        scale_bits = 32 * counts.num_vectors if packing.bank is BankDtype.INT8 else 0
-        bits = counts.bank_params * packing.bank_bits + scale_bits
-        bits += counts.slots * (counts.topk - 1) * packing.weights_bits
+        bits = bank_bits(packing.bank, counts.num_vectors, counts.bank_params)
+        bits += weights_bits(packing.weights, counts.slots * (counts.topk - 1))
         bits += counts.slots * counts.topk * bits_for(counts.num_vectors)
         return bits // 32
 
