@@ -119,7 +119,9 @@ def _shrink(
     rank = tl.load(RANKS + slot)
     offs_r = tl.arange(0, R)
     offs_k = split * BLOCK_K + tl.arange(0, BLOCK_K)
-    k_mask = (offs_k < in_features) & (rank > 0)
+    # A row without adapter (rank 0) reads no x: its columns end at 0.  (Not ``& (rank > 0)``: Triton's
+    # interpreter turns a tensor-and-scalar ``&`` into int32, which it refuses as a load mask.)
+    k_mask = offs_k < tl.where(rank > 0, in_features, 0)
     xk = tl.load(X + token.to(tl.int64) * stride_x + offs_k, mask=k_mask, other=0.0).to(tl.float32)
     a = tl.load(
         A + slot * stride_a_slot + offs_r[:, None] * stride_a_rank + offs_k[None, :],
