@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pty
 import shutil
@@ -66,6 +67,8 @@ def test_cli_exits_2_with_the_failure_by_path_and_a_summary(tree, tmp_path):
         result.stderr.startswith(f"error: {tree / 'team-b' / 'broken'}: ") and result.stderr.count("\n") == 1
     )
     assert snapshot(tree) == before
+    as_json = json.loads(run_cli("convert", tree, tmp_path / "again", "--recursive", "--format", "json").stdout)
+    assert (as_json["converted"], as_json["failed"], as_json["passed"]) == (4, 1, False)
 
 
 def test_existing_destinations_follow_force_one_by_one(tree, tmp_path):

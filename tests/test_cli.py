@@ -372,3 +372,6 @@ def test_every_result_prints_in_every_format_and_exits_by_its_result(command, tm
         run_cli("inspect", SINGLE_FIXTURE, "--json").stdout
         == run_cli("inspect", SINGLE_FIXTURE, "--format", "json").stdout
     )
+    clash = run_cli("inspect", SINGLE_FIXTURE, "--json", "--format", "markdown")
+    assert clash.exit_code == 2 and clash.stdout == "" and clash.stderr.count("\n") == 1
+    assert "--json is --format json" in clash.stderr

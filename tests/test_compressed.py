@@ -235,6 +235,16 @@ def test_max_error_picks_the_fewest_bytes_within_the_bound(tmp_path, bound, form
     assert verify_adapters(read_adapter(SINGLE_FIXTURE), written).max_rel_error <= bound + 1e-6
 
 
+@pytest.mark.parametrize("bank, weights", [("int8", "fixed8"), ("float16", "float16"), ("int4", "fixed8")])
+def test_max_error_measures_what_verify_reports(tmp_path, bank, weights):
+    """One metric: the error ``--max-error`` measures is the one ``verify`` prints for the written file."""
+    convert(SINGLE_FIXTURE, tmp_path / "topk", to="topk")
+    convert(SINGLE_FIXTURE, tmp_path / "lossy", to="compressed", bank_dtype=bank, weights_dtype=weights)
+    reported = verify_adapters(read_adapter(tmp_path / "topk"), read_adapter(tmp_path / "lossy")).max_rel_error
+    measured = measured_error(read_adapter(SINGLE_FIXTURE), BankDtype(bank), WeightsDtype(weights))
+    assert reported > 0 and measured == pytest.approx(reported, rel=1e-6)
+
+
 def test_candidates_are_ordered_by_the_bytes_of_the_target_form(tmp_path):
     adapter = read_adapter(SINGLE_FIXTURE)
     lossless, smallest = (BankDtype.FLOAT32, WeightsDtype.FLOAT32), (BankDtype.INT4, WeightsDtype.FIXED8)

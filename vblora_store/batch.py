@@ -71,7 +71,8 @@ class BatchResult(Result):
     def json(self) -> str:
         items = [{"src": str(i.src), "dst": str(i.dst), "error": i.error} for i in self.items]
         return json.dumps(
-            {"items": items, "converted": len(self.converted), "failed": len(self.failed)}, indent=2
+            {"items": items, "converted": len(self.converted), "failed": len(self.failed), "passed": self.passed},
+            indent=2,
         )
 
     def markdown(self) -> str:

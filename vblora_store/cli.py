@@ -40,6 +40,8 @@ def inspect_cmd(path: str, fmt: str, as_json: bool) -> None:
     from .format import read_adapters
     from .inspection import Inspection
 
+    if as_json and fmt not in ("text", "json"):
+        raise click.UsageError(f"--json is --format json; it cannot go with --format {fmt}")
     emit(Inspection.of(read_adapters(path)), "json" if as_json else fmt)
 
 
@@ -53,18 +55,19 @@ def inspect_cmd(path: str, fmt: str, as_json: bool) -> None:
     "--weights-dtype",
     WeightsDtype,
     WeightsDtype.FLOAT32,
-    "Packed form: top-k weights precision (float32 is lossless).",
+    "Precision of the stored top-k weights, for the forms that take one (float32 is lossless).",
 )
 @enum_option(
     "--bank-dtype",
     BankDtype,
     BankDtype.FLOAT32,
-    "Packed form: vector bank precision (float32 is lossless; int8 keeps a scale per vector).",
+    "Precision of the stored vector bank, for the forms that take one (float32 is lossless; int8 and "
+    "int4 keep scales).",
 )
 @click.option(
     "--max-error",
     type=Number(0),
-    help="Packed or compressed form: choose the fewest-bits bank and weights precision whose measured "
+    help="Forms that take a precision: choose the fewest-bits bank and weights precision whose measured "
     "relative ΔW error is at most X (0: the smallest lossless form).",
 )
 @click.option(
@@ -111,7 +114,7 @@ def convert_cmd(
         if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT:
             options[name] = value  # given: --max-error refuses it rather than override it
     if recursive:
-        result = convert_tree(src, dst, jobs=jobs, progress=_batch_progress(), max_error=max_error, **options)
+        result = convert_tree(src, dst, jobs=jobs, progress=_batch_progress(fmt), max_error=max_error, **options)
         for item in result.failed:
             click.echo(f"error: {item.src}: {item.error}", err=True)
         emit(result, fmt)
@@ -123,11 +126,12 @@ def convert_cmd(
     emit(build_report([account(a) for a in read_adapters(dst)]), fmt)
 
 
-def _batch_progress():
-    """A progress bar on stderr when it is a terminal, else a plain line per adapter on stdout."""
+def _batch_progress(fmt: str):
+    """A progress bar on stderr when it is a terminal, else a plain line per adapter: on stdout with
+    ``--format text``, on stderr otherwise (stdout then holds the JSON or Markdown alone)."""
     if not click.get_text_stream("stderr").isatty():
         return lambda done, total, item: click.echo(
-            f"{'converted' if item.error is None else 'failed'} {item.src}"
+            f"{'converted' if item.error is None else 'failed'} {item.src}", err=fmt != "text"
         )
     bar = {}
 

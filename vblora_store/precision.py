@@ -6,7 +6,7 @@ fewest stored bytes in the target form up (the compressed form's estimated at
 a quick zstd level); for each, it encodes the adapter, decodes it back and
 measures ``verify``'s metric, the largest relative Frobenius error of
 ``ΔW = B·A`` over every module (computed from rank-2r Gram matrices:
-:func:`relative_error`), against the lossless top-k data of the same
+:func:`vblora_store.verify.relative_error`), against the lossless top-k data of the same
 adapter; the first within ``X`` is written.  ``max_error=0`` gives the
 smallest lossless form.  Works for every form that takes the packed form's
 precision options (``packed``, ``compressed``).
@@ -30,6 +30,7 @@ from .format.codecs.packed import pack_topk
 from .format.codecs.precision import BANK, WEIGHTS, encode_bank, encode_weights
 from .format.codecs.topk import CODEC as TOPK
 from .factors import module_factors
+from .verify import relative_error
 from .storage_forms import StorageForm
 
 __all__ = [
@@ -126,25 +127,6 @@ def measured_error(
     ):
         worst = max(worst, relative_error(a_ref, b_ref, a, b))
     return worst
-
-
-def relative_error(a_ref, b_ref, a, b) -> float:
-    """``||B·A - B_ref·A_ref||_F / ||B_ref·A_ref||_F`` (``verify``'s metric) from rank-2r Gram matrices.
-
-    ``ΔW - ΔW_ref = [B, -B_ref] @ [A; A_ref]``, and the Frobenius norm of a
-    product ``P @ Q`` is ``sqrt(sum((PᵀP) * (QQᵀ)))``: ``(2r, 2r)`` matrices, never
-    ``(out, in)`` (a 7B-shaped adapter: 224 modules in a second, not half a minute).
-    In float64 it resolves relative errors down to about 1e-7.
-
-    Example:
-        >>> a, b = torch.ones(1, 3, dtype=torch.float64), torch.ones(2, 1, dtype=torch.float64)
-        >>> relative_error(a, b, 1.1 * a, b)
-        0.1
-    """
-    p, q = torch.cat([b, -b_ref], dim=1), torch.cat([a, a_ref], dim=0)  # (out, 2r), (2r, in)
-    diff = float(((p.T @ p) * (q @ q.T)).sum().clamp(min=0).sqrt())
-    norm = float(((b_ref.T @ b_ref) * (a_ref @ a_ref.T)).sum().clamp(min=0).sqrt())
-    return round(diff / norm, 12) if norm > 0 else (0.0 if diff == 0 else float("inf"))
 
 
 def choose_precision(

@@ -45,24 +45,25 @@ def convert_tensors(
     Args:
         adapter: A stored adapter, any form.
         to: The target form.
-        weights_dtype: Packed form only: how to store the top-k weights.
-        bank_dtype: Packed form only: how to store the bank.
+        weights_dtype: How to store the top-k weights (forms whose codec takes the option).
+        bank_dtype: How to store the bank (likewise).
 
     Returns:
         ``(config, tensors, metadata)`` ready for :func:`write_adapter`.
 
     Raises:
         UnsupportedConversionError: to full from top-k or packed (the logits are
-            gone), or a precision option without ``to=PACKED``.
+            gone), or a precision option for a form that takes none.
         InvalidAdapterError: a stored value is bad (NaN, index out of range).
     """
     to = StorageForm(to)
     options = {"weights_dtype": WeightsDtype(weights_dtype), "bank_dtype": BankDtype(bank_dtype)}
     asked = {name for name, value in options.items() if value.value != "float32"}
     if asked - set(to.codec.options):
+        takers = [form.value for form in StorageForm if asked <= set(form.codec.options)]
         raise UnsupportedConversionError(
-            f"{adapter.folder}: --weights-dtype and --bank-dtype apply to the packed and compressed forms only; "
-            "add --to packed."
+            f"{adapter.folder}: --weights-dtype and --bank-dtype apply to the {' and '.join(takers)} forms only; "
+            f"add --to {takers[0]}."
         )
     if not adapter.form.has_logits and to.has_logits:
         raise UnsupportedConversionError(
@@ -119,7 +120,7 @@ def convert(
     Args:
         src: A PEFT adapter folder, or a Hub repo id (``namespace/name``).
         dst: The folder to create.
-        to: Target form (``"topk"``, ``"packed"`` or ``"full"``).
+        to: Target form: a :class:`StorageForm` or its name (``"topk"``, ``"packed"``, ``"compressed"``, ``"full"``).
         force: Replace ``dst`` if it exists.
         weights_dtype: Packed and compressed forms: ``float32`` (lossless), ``float16``, ``bfloat16``,
             ``fixed16``, ``fixed8``.

@@ -66,9 +66,9 @@ def validate_layout(
         raise bad("mixes full logits and top-k tensors; re-save the adapter from PEFT in one form.")
     has_logits = kinds.pop()
     if bool(cfg.save_only_topk_weights) == has_logits:
-        held = "full" if has_logits else "topk"
+        held = "full logits" if has_logits else "top-k indices and weights"
         raise bad(
-            f"holds the {held} form but {CONFIG_NAME} says save_only_topk_weights="
+            f"holds {held} but {CONFIG_NAME} says save_only_topk_weights="
             f"{str(bool(cfg.save_only_topk_weights)).lower()}; set it to {str(not has_logits).lower()}."
         )
     wanted = ("logits",) if has_logits else ("indices", "weights")

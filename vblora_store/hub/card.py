@@ -30,7 +30,7 @@ def model_card(adapters: Sequence[StoredAdapter], *, repo_id: str) -> str:
     """The ``README.md`` pushed with ``adapters``: YAML front matter, then Markdown.
 
     The front matter has ``library_name: peft``, tags (``vblora``, and
-    ``inference-only`` for top-k or packed adapters) and ``base_model`` when
+    ``inference-only`` for every form without logits) and ``base_model`` when
     the configs name a Hub repo (never a local path).  The body says what the
     adapter is, gives its compression report, and how to load it.
 

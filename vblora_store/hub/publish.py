@@ -40,7 +40,7 @@ def push(
     Args:
         path: A local adapter folder.
         repo_id: ``namespace/name``.
-        to: Convert to this form first (``"topk"`` or ``"packed"``), in a
+        to: Convert to this storage form first (any :class:`StorageForm` or its name), in a
             temporary folder; ``path`` is only read.
         private: Create the repo private (an existing repo keeps its visibility).
         revision: The branch to commit to (created from main if missing).
