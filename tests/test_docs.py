@@ -32,3 +32,47 @@ def test_readme_names_every_storage_form():
     readme = (ROOT / "README.md").read_text()
     for form in StorageForm:
         assert f"`{form}`" in readme, form
+
+
+def _anchors(doc: str) -> set[str]:
+    """GitHub's anchors of a Markdown page's headings (lower case, punctuation dropped, spaces to '-')."""
+    found, seen, fenced = set(), {}, False
+    for line in doc.splitlines():
+        if line.startswith("```"):
+            fenced = not fenced
+        heading = None if fenced else re.match(r"#{1,6}\s+(.*)", line)
+        if heading:
+            slug = re.sub(r"[^\w\- ]", "", heading.group(1).strip().lower()).replace(" ", "-")
+            found.add(slug if slug not in seen else f"{slug}-{seen[slug]}")
+            seen[slug] = seen.get(slug, 0) + 1
+    return found
+
+
+def _pages():
+    return [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+
+
+def test_every_relative_link_and_anchor_resolves():
+    broken = []
+    for page in _pages():
+        text = page.read_text()
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:", target):
+                continue
+            path, _, anchor = target.partition("#")
+            linked = (page.parent / path) if path else page
+            if not linked.exists():
+                broken.append(f"{page.name}: {target} (no such file)")
+            elif anchor and linked.suffix == ".md" and anchor not in _anchors(linked.read_text()):
+                broken.append(f"{page.name}: {target} (no such heading)")
+    assert not broken, broken
+
+
+def test_every_script_the_docs_name_exists():
+    named = {
+        (page.name, path)
+        for page in _pages()
+        for path in re.findall(r"\b((?:benchmarks|docs/examples|fixtures|tests)/[\w./-]+\.py)\b", page.read_text())
+    }
+    missing = sorted(f"{page}: {path}" for page, path in named if not (ROOT / path).exists())
+    assert not missing, missing
