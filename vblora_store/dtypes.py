@@ -1,10 +1,17 @@
 """The package's one vocabulary of dtypes: each name, its torch dtype, bits and safetensors code.
 
-Every module that reads or writes a dtype goes through this table: the format
-layer (safetensors headers), the packed form (its stored widths), the
-checkpoint reader and the merge (the dtypes a weight can be merged in), the
-accounting (stored bits), and what ``inspect`` prints.  torch is imported
-only when a torch dtype is asked for, so the table itself costs nothing.
+Who looks dtypes up here: reading adapters' safetensors headers
+(``format/reading.py``: codes to torch dtypes); the precision codec
+(``format/codecs/precision.py``: the dtype and bits each bank and weights
+precision is stored in, which the packed form's counts and so the accounting
+use); the packed form (the restore dtypes in its metadata) and the compressed
+form (each compressed tensor's code); the checkpoint reader and writer and the
+merge (``checkpoint.py``, ``merge.py``: the dtypes a weight can be merged in,
+their codes and sizes); and every message and ``inspect`` naming a dtype
+(:func:`name_of`).  Not here: PEFT's index-dtype rule (``format/keys.py``), and
+the command line's torch-free choices (``choices.py``), whose words are the
+names or aliases of rows here.  torch is imported only when a torch dtype is
+asked for, so the table itself costs nothing.
 """
 
 from __future__ import annotations
