@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
 
-from conftest import peft_logits, run_cli, snapshot
+from conftest import SINGLE_FIXTURE, peft_logits, run_cli, snapshot
 from vblora_store.format import StorageForm, convert, read_adapters
 from vblora_store.format.bitpack import bits_for, pack, packed_size, unpack
 from vblora_store.format.codecs.packed import _fit_simplex
@@ -99,6 +99,41 @@ def test_peft_loads_topk_recovered_from_packed(peft_saves, tmp_path):
     convert(peft_saves.full, tmp_path / "packed", to="packed")
     convert(tmp_path / "packed", tmp_path / "topk", to="topk")
     assert torch.equal(peft_logits(tmp_path / "topk"), peft_logits(peft_saves.topk))
+
+
+def _fixture_in(dtype: torch.dtype, folder):
+    """``fixtures/tiny-llama-vblora`` copied to ``folder`` with its bank and logits cast to ``dtype``."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    shutil.copytree(SINGLE_FIXTURE, folder)
+    tensors = {k: v.to(dtype) for k, v in _tensors(folder).items()}  # the full form holds only floats
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    return folder
+
+
+@pytest.mark.parametrize("form", ["packed", "compressed"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16], ids=str)
+def test_any_float_dtype_round_trips_through_the_packed_forms(tmp_path, form, dtype):
+    """full -> packed/compressed -> top-k gives the direct full -> top-k tensors, in the source's dtype.
+
+    The default stores the weights and bank as float32: float16 and bfloat16 come back bit for
+    bit; float64 comes back as its values rounded to float32 (the one rounding the format makes).
+    """
+    full = _fixture_in(dtype, tmp_path / "full")
+    convert(full, tmp_path / "direct", to="topk")
+    convert(full, tmp_path / form, to=form)
+    convert(tmp_path / form, tmp_path / "back", to="topk")
+    direct, back = _tensors(tmp_path / "direct"), _tensors(tmp_path / "back")
+    assert back.keys() == direct.keys()
+    for key, value in direct.items():
+        expected = value.float().to(dtype) if value.is_floating_point() else value
+        assert back[key].dtype == value.dtype and torch.equal(back[key], expected), key
+    if dtype is not torch.float64:
+        assert (tmp_path / "back" / "adapter_model.safetensors").read_bytes() == (
+            tmp_path / "direct" / "adapter_model.safetensors"
+        ).read_bytes()
 
 
 def test_multi_adapter_folder_packs_in_the_same_layout(multi_copy, tmp_path):
@@ -206,4 +241,26 @@ def test_damaged_packed_metadata_is_a_clean_error(single_copy, tmp_path):
     save_file(tensors, str(path), metadata={"vblora_store.packed": json.dumps(description)})
     result = run_cli("convert", tmp_path / "packed", tmp_path / "out")
     assert result.exit_code == 2 and str(path) in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [("restore_weights_dtype", "float128"), ("restore_bank_dtype", "int64"), ("restore_bank_dtype", 32)],
+)
+def test_unknown_restore_dtype_is_a_clean_error(single_copy, tmp_path, field, value):
+    """A restore dtype that names no floating dtype: exit 2, the file and the field named, nothing written."""
+    from safetensors.torch import save_file
+
+    convert(single_copy, tmp_path / "packed", to="packed")
+    path = tmp_path / "packed" / "adapter_model.safetensors"
+    with safe_open(str(path), "pt") as f:
+        tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    description = json.loads(metadata["vblora_store.packed"])
+    description[field] = value
+    save_file(tensors, str(path), metadata={"vblora_store.packed": json.dumps(description)})
+    result = run_cli("convert", tmp_path / "packed", tmp_path / "out")
+    assert result.exit_code == 2 and "Traceback" not in result.stderr
+    assert str(path) in result.stderr and f"{field} is {value!r}" in result.stderr
+    assert "fetch it again" in result.stderr
     assert not (tmp_path / "out").exists()

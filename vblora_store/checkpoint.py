@@ -25,6 +25,7 @@ from typing import BinaryIO, Callable, NamedTuple, Optional, Union
 
 import torch
 
+from .dtypes import DTYPES, by_code
 from .errors import CheckpointNotFoundError, InvalidCheckpointError
 
 __all__ = [
@@ -41,9 +42,9 @@ __all__ = [
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-#: safetensors' names of the floating dtypes a weight can be merged in, and their torch dtypes.
-FLOAT_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-_ITEM_SIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
+#: safetensors' names of the floating dtypes a weight can be merged in, and their torch dtypes: those of
+#: 16 bits or more (F64, F32, F16, BF16); a float8 weight is a quantized checkpoint's.
+FLOAT_DTYPES = {d.code: d.torch for d in DTYPES if d.floating and d.bits >= 16}
 _COPY_CHUNK = 64 * 2**20  # bytes per read when a tensor is copied unchanged
 
 
@@ -268,7 +269,7 @@ def write_shard(
     for key in shard.keys:
         entry = checkpoint.tensors[key]
         same = out_dtypes[key] == entry.dtype
-        size = entry.end - entry.begin if same else math.prod(entry.shape) * _ITEM_SIZE[out_dtypes[key]]
+        size = entry.end - entry.begin if same else math.prod(entry.shape) * by_code(out_dtypes[key]).itemsize
         header[key] = {
             "dtype": out_dtypes[key],
             "shape": list(entry.shape),

@@ -1,10 +1,17 @@
 """The package's one vocabulary of dtypes: each name, its torch dtype, bits and safetensors code.
 
-Every module that reads or writes a dtype goes through this table: the format
-layer (safetensors headers), the packed form (its stored widths), the
-checkpoint reader and the merge (the dtypes a weight can be merged in), the
-accounting (stored bits), and what ``inspect`` prints.  torch is imported
-only when a torch dtype is asked for, so the table itself costs nothing.
+Who looks dtypes up here: reading adapters' safetensors headers
+(``format/reading.py``: codes to torch dtypes); the precision codec
+(``format/codecs/precision.py``: the dtype and bits each bank and weights
+precision is stored in, which the packed form's counts and so the accounting
+use); the packed form (the restore dtypes in its metadata) and the compressed
+form (each compressed tensor's code); the checkpoint reader and writer and the
+merge (``checkpoint.py``, ``merge.py``: the dtypes a weight can be merged in,
+their codes and sizes); and every message and ``inspect`` naming a dtype
+(:func:`name_of`).  Not here: PEFT's index-dtype rule (``format/keys.py``), and
+the command line's torch-free choices (``choices.py``), whose words are the
+names or aliases of rows here.  torch is imported only when a torch dtype is
+asked for, so the table itself costs nothing.
 """
 
 from __future__ import annotations
@@ -24,6 +31,8 @@ class DType:
         code: safetensors' name in a file header: ``"F32"``, ``"I16"``, ...
         bits: Width of one value.
         floating: A floating-point dtype.
+        aliases: Other names :func:`by_name` takes for it: the command line's words where they
+            differ from torch's (``"float8_e4m3"`` for ``float8_e4m3fn``).
 
     Example:
         >>> by_code("BF16").name, by_code("BF16").bits, by_name("int16").code
@@ -34,6 +43,7 @@ class DType:
     code: str
     bits: int
     floating: bool
+    aliases: tuple[str, ...] = ()
 
     @property
     def torch(self) -> Any:
@@ -53,7 +63,7 @@ DTYPES: tuple[DType, ...] = (
     DType("float32", "F32", 32, True),
     DType("float16", "F16", 16, True),
     DType("bfloat16", "BF16", 16, True),
-    DType("float8_e4m3fn", "F8_E4M3", 8, True),
+    DType("float8_e4m3fn", "F8_E4M3", 8, True, aliases=("float8_e4m3",)),
     DType("float8_e5m2", "F8_E5M2", 8, True),
     DType("int64", "I64", 64, False),
     DType("int32", "I32", 32, False),
@@ -63,15 +73,19 @@ DTYPES: tuple[DType, ...] = (
     DType("uint8", "U8", 8, False),
     DType("bool", "BOOL", 8, False),
 )
-_BY_NAME = {d.name: d for d in DTYPES}
+_BY_NAME = {name: d for d in DTYPES for name in (d.name, *d.aliases)}
 _BY_CODE = {d.code: d for d in DTYPES}
 
 
 def by_name(name: str) -> DType:
-    """The dtype named ``name`` (``"float32"``, or ``"torch.float32"``).
+    """The dtype named ``name`` (``"float32"``, ``"torch.float32"``, or an alias: ``"float8_e4m3"``).
 
     Raises:
         KeyError: no such dtype in the table.
+
+    Example:
+        >>> by_name("float8_e4m3").name, by_name("torch.float64").code
+        ('float8_e4m3fn', 'F64')
     """
     return _BY_NAME[name.removeprefix("torch.")]
 

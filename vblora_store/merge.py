@@ -29,6 +29,7 @@ import torch
 
 from .choices import MergeDtype
 from .checkpoint import FLOAT_DTYPES, INDEX_FILE, Checkpoint, Shard, read_checkpoint, read_tensor, write_shard
+from .dtypes import by_name
 from .errors import InvalidCheckpointError, TargetingError
 from .format.atomic import atomic_folder, check_destination
 from .format.keys import MODEL_PREFIX
@@ -53,7 +54,6 @@ _STALE_WEIGHTS = (
     ".*",
 )
 _BASE_LAYER = ".base_layer."  # PEFT's name of the wrapped layer in trained-bias keys
-_SAFETENSORS_NAME = {dtype: name for name, dtype in FLOAT_DTYPES.items()}
 
 
 def output_dtype(choice: MergeDtype, stored: str) -> str:
@@ -65,7 +65,7 @@ def output_dtype(choice: MergeDtype, stored: str) -> str:
     """
     if choice is MergeDtype.AUTO or stored not in FLOAT_DTYPES:
         return stored
-    return _SAFETENSORS_NAME[getattr(torch, choice.value)]
+    return by_name(choice.value).code
 
 
 @dataclass

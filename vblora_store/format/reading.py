@@ -23,7 +23,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from ..config import CONFIG_NAME, VBLoRAConfig
-from ..dtypes import DTYPES
+from ..dtypes import by_code
 from ..errors import AdapterNotFoundError, InvalidAdapterError, InvalidConfigError
 from ..folders import find_adapter_folders
 from ..sources import resolve_source
@@ -34,8 +34,6 @@ from .safety import check_link, check_zip_sizes
 from .stored import StoredAdapter, TensorSpec
 
 __all__ = ["find_adapter_folders", "read_adapters", "read_adapter"]
-
-_DTYPES = {d.code: d for d in DTYPES}  # each form's layout check then says which dtype each tensor may have
 
 
 def read_adapters(
@@ -132,11 +130,12 @@ def _open_safetensors(path: Path):
         specs = {}
         for key in handle.keys():
             view = handle.get_slice(key)
-            entry = _DTYPES.get(view.get_dtype())
-            if entry is None:
+            try:  # any dtype of the table; each form's layout check then says which one each tensor may have
+                entry = by_code(view.get_dtype())
+            except KeyError:
                 raise InvalidAdapterError(
                     f"{path}: tensor {key!r} has dtype {view.get_dtype()}, which no VB-LoRA adapter uses."
-                )
+                ) from None
             specs[key] = TensorSpec(entry.torch, tuple(view.get_shape()))
     except (SafetensorError, OSError, ValueError) as e:
         if isinstance(e, InvalidAdapterError):

@@ -24,7 +24,7 @@ from typing import Iterable
 import torch
 
 from ...choices import BankDtype, WeightsDtype
-from ...dtypes import by_name, name_of
+from ...dtypes import DTYPES, DType, by_name, name_of
 from ...errors import InvalidAdapterError
 from ..bitpack import bits_for, pack, packed_size, unpack
 from ..keys import BANK_KEY, index_dtype, indices_key, parse_key, weights_key
@@ -68,10 +68,6 @@ METADATA_KEY = "vblora_store.packed"
 def is_packed(metadata: dict | None) -> bool:
     """Whether a safetensors header's metadata marks the packed form."""
     return bool(metadata) and METADATA_KEY in metadata
-
-
-def _dtype(name: str) -> torch.dtype:
-    return by_name(name).torch
 
 
 @dataclass(frozen=True)
@@ -167,8 +163,8 @@ class Description:
     """A packed file's metadata, checked against the config: what the file must hold, and how to read it."""
 
     packing: Packing
-    restore_weights: str  # the dtype the weights and bank are given back in
-    restore_bank: str
+    restore_weights: DType  # the dtypes PEFT's top-k weights and bank are given back in
+    restore_bank: DType
     modules: list[tuple[str, int, int]]  # (name, in, out), the slots' order
     shapes: list[tuple[str, str, tuple[int, int]]]  # (module, side, (rows, cols)) of every side, in order
     slots: int
@@ -197,8 +193,7 @@ def read_description(
         bits = int(description["index_bits"])
         weights_dtype = WeightsDtype(description["weights_dtype"])
         bank_dtype = BankDtype(description["bank_dtype"])
-        restore_weights = WeightsDtype(description["restore_weights_dtype"]).value
-        restore_bank = WeightsDtype(description["restore_bank_dtype"]).value
+        restore = {field: description[field] for field in ("restore_weights_dtype", "restore_bank_dtype")}
         modules = [(str(name), int(n_in), int(n_out)) for name, n_in, n_out in description["modules"]]
     except (KeyError, ValueError, TypeError, OverflowError, RecursionError) as e:
         raise bad(f"metadata is incomplete or malformed ({type(e).__name__}: {e})") from e
@@ -207,6 +202,7 @@ def read_description(
             f"{source}: packed format version {version}; this vblora_store reads version {FORMAT_VERSION}. "
             "Upgrade vblora_store."
         )
+    restore_weights, restore_bank = (_restore_dtype(field, name, bad) for field, name in restore.items())
     if bits != bits_for(num_vectors):
         raise bad(f"index_bits is {bits} but num_vectors={num_vectors} needs {bits_for(num_vectors)}")
     shapes = []
@@ -222,6 +218,18 @@ def read_description(
     expected.update(bank_layout(bank_dtype, num_vectors, vector_length))
     packing = Packing(bits, weights_dtype, bank_dtype)
     return Description(packing, restore_weights, restore_bank, modules, shapes, slots, expected)
+
+
+def _restore_dtype(field: str, name: object, bad) -> DType:
+    """The dtype the metadata's ``field`` names: any floating dtype of :mod:`vblora_store.dtypes`."""
+    try:
+        dtype = by_name(name) if isinstance(name, str) else None
+    except KeyError:
+        dtype = None
+    if dtype is None or not dtype.floating:
+        known = ", ".join(d.name for d in DTYPES if d.floating)
+        raise bad(f"{field} is {name!r}, not a floating dtype ({known})")
+    return dtype
 
 
 def unpack_topk(
@@ -274,16 +282,18 @@ def unpack_topk(
             raise bad(f"tensor {key!r} is {found}, expected {dtype} {list(shape)}")
 
     indices = unpack(tensors[INDICES], bits, slots * topk).to(index_dtype(num_vectors))  # (S·k,)
-    if weights_dtype.value == restore_weights:
+    # Stored as given back when the choice is a plain cast to the restore dtype (the same name; float8_e4m3,
+    # a scaled code, never is).
+    if weights_dtype.value == restore_weights.name:
         weights = tensors[WEIGHTS]  # (S, k-1), stored as they were: bit for bit
     else:
-        weights = _fit_simplex(decode_weights(tensors, weights_dtype).to(_dtype(restore_weights)))
-    if bank_dtype.value == restore_bank:
+        weights = _fit_simplex(decode_weights(tensors, weights_dtype).to(restore_weights.torch))
+    if bank_dtype.value == restore_bank.name:
         bank = tensors[BANK]
     else:
         bank = decode_bank(tensors, bank_dtype, (num_vectors, vector_length))
     out = {k: v for k, v in tensors.items() if not k.startswith("vblora_packed.")}
-    out[BANK_KEY] = bank.to(_dtype(restore_bank))
+    out[BANK_KEY] = bank.to(restore_bank.torch)
     slot = 0
     for name, side, (rows, cols) in shapes:
         n = rows * cols

@@ -54,12 +54,11 @@ _SCALED = {
     BankDtype.FLOAT8_E4M3: (448, None),
 }
 _FIXED_BITS = {WeightsDtype.FIXED16: 16, WeightsDtype.FIXED8: 8}
-_TORCH_NAMES = {"float8_e4m3": "float8_e4m3fn"}  # the command line's word -> torch's name
 
 
 def _dtype(choice):
-    """The :class:`~vblora_store.dtypes.DType` a float or int choice is stored in."""
-    return by_name(_TORCH_NAMES.get(choice.value, choice.value))
+    """The :class:`~vblora_store.dtypes.DType` a float or int choice is stored in: its word names it."""
+    return by_name(choice.value)
 
 
 _INT4_OFFSET, _INT4_BITS = 8, 4
