@@ -130,10 +130,16 @@ def test_any_float_dtype_round_trips_through_the_packed_forms(tmp_path, form, dt
     for key, value in direct.items():
         expected = value.float().to(dtype) if value.is_floating_point() else value
         assert back[key].dtype == value.dtype and torch.equal(back[key], expected), key
+    precision = read_adapters(tmp_path / form)[0].form.codec.precision(read_adapters(tmp_path / form)[0].packing)
     if dtype is not torch.float64:
         assert (tmp_path / "back" / "adapter_model.safetensors").read_bytes() == (
             tmp_path / "direct" / "adapter_model.safetensors"
         ).read_bytes()
+        assert precision == "lossless"
+    else:  # the rounding is said, never called lossless
+        assert precision == "weights float32, bank float32 (rounded from float64)"
+        report = json.loads(run_cli("report", tmp_path / form, "--format", "json").stdout)["adapters"][0]
+        assert report["precision"] == precision
 
 
 def test_multi_adapter_folder_packs_in_the_same_layout(multi_copy, tmp_path):

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Optional
 
 import torch
 
@@ -78,6 +78,8 @@ class Packing:
         index_bits: Bits per top-k index: ``ceil(log2 N)``.
         weights: How the top-k weights are stored.
         bank: How the bank is stored.
+        rounded_from: The adapter's own dtype where it is wider than the packed form's widest
+            (float64 kept as float32), else ``None``: then even float32 storage is lossy.
 
     Example:
         >>> Packing(11, WeightsDtype.FLOAT16, BankDtype.INT8).lossy, Packing(11).info()
@@ -87,11 +89,13 @@ class Packing:
     index_bits: int
     weights: WeightsDtype = WeightsDtype.FLOAT32
     bank: BankDtype = BankDtype.FLOAT32
+    rounded_from: Optional[str] = None
 
     @property
     def lossy(self) -> bool:
         """Whether the weights or the bank lose precision."""
-        return (self.weights, self.bank) != (WeightsDtype.FLOAT32, BankDtype.FLOAT32)
+        stored_wide = (self.weights, self.bank) == (WeightsDtype.FLOAT32, BankDtype.FLOAT32)
+        return not stored_wide or self.rounded_from is not None
 
     def info(self) -> dict[str, str]:
         """The stored dtypes and index width as ``inspect`` shows them."""
@@ -216,7 +220,8 @@ def read_description(
     expected = {INDICES: (torch.uint8, (packed_size(slots * topk, bits),))}
     expected.update(weights_layout(weights_dtype, slots, topk))
     expected.update(bank_layout(bank_dtype, num_vectors, vector_length))
-    packing = Packing(bits, weights_dtype, bank_dtype)
+    wider = [d.name for d in (restore_weights, restore_bank) if d.bits > 32]  # float64: stored as float32
+    packing = Packing(bits, weights_dtype, bank_dtype, wider[0] if wider else None)
     return Description(packing, restore_weights, restore_bank, modules, shapes, slots, expected)
 
 
@@ -381,7 +386,8 @@ class PackedCodec(Codec):
     def precision(self, packing: "Packing | None" = None) -> str:
         if packing is None or not packing.lossy:
             return "lossless"
-        return f"weights {packing.weights.value}, bank {packing.bank.value}"
+        rounded = f" (rounded from {packing.rounded_from})" if packing.rounded_from else ""
+        return f"weights {packing.weights.value}, bank {packing.bank.value}{rounded}"
 
 
 CODEC = PackedCodec()
