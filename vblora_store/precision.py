@@ -6,7 +6,7 @@ fewest stored bytes in the target form up (the compressed form's estimated at
 a quick zstd level); for each, it encodes the adapter, decodes it back and
 measures ``verify``'s metric, the largest relative Frobenius error of
 ``ΔW = B·A`` over every module (computed from rank-2r Gram matrices:
-:func:`vblora_store.verify.relative_error`), against the lossless top-k data of the same
+:func:`vblora_store.topk.relative_error`), against the lossless top-k data of the same
 adapter; the first within ``X`` is written.  ``max_error=0`` gives the
 smallest lossless form.  Works for every form that takes the packed form's
 precision options (``packed``, ``compressed``).
@@ -19,8 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
 
-import torch
-
 from .choices import BankDtype, WeightsDtype
 from .errors import UnsupportedConversionError
 from .format import StoredAdapter, TensorSpec
@@ -30,7 +28,7 @@ from .format.codecs.packed import pack_topk
 from .format.codecs.precision import BANK, WEIGHTS, encode_bank, encode_weights
 from .format.codecs.topk import CODEC as TOPK
 from .factors import module_factors
-from .verify import relative_error
+from .topk import relative_error
 from .storage_forms import StorageForm
 
 __all__ = [

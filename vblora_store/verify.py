@@ -9,7 +9,6 @@ the comparison adds no rounding of its own.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
@@ -20,12 +19,12 @@ from .errors import InvalidAdapterError
 from .format import StoredAdapter, read_adapters
 from .results import Result
 from .factors import module_factors
+from .topk import relative_error
 
 __all__ = [
     "ModuleError",
     "Verification",
     "VerificationReport",
-    "relative_error",
     "verify_adapters",
     "verify_folders",
 ]
@@ -98,38 +97,6 @@ def verify_adapters(reference: StoredAdapter, candidate: StoredAdapter) -> Verif
         rel = relative_error(a_ref, b_ref, a_cand, b_cand, diff=diff)
         result.modules.append(ModuleError(module, max(-float(low), float(high)), rel))
     return result
-
-
-def relative_error(a_ref, b_ref, a, b, *, diff: Optional[torch.Tensor] = None) -> float:
-    """The metric of ``verify`` and ``--max-error``: ``||B·A - B_ref·A_ref||_F / ||B_ref·A_ref||_F``.
-
-    ``ΔW - ΔW_ref = [B, -B_ref] @ [A; A_ref]``, and the Frobenius norm of a
-    product ``P @ Q`` is ``sqrt(sum((PᵀP) * (QQᵀ)))``: ``(2r, 2r)`` matrices,
-    never ``(out, in)`` (a 7B-shaped adapter: 224 modules in a second, not half
-    a minute).  In float64 that resolves relative errors down to about 1e-7;
-    ``verify``, which builds the ``(out, in)`` difference anyway for its largest
-    absolute error, passes it as ``diff`` and its norm is read exactly.
-
-    Args:
-        a_ref, b_ref: The reference's factors, ``(r, in)`` and ``(out, r)``.
-        a, b: The candidate's, same shapes (any rank).
-        diff: ``B·A - B_ref·A_ref`` if already built, ``(out, in)``.
-
-    Returns:
-        The relative error, rounded to 12 decimals; 0 for two zero updates, ``inf`` against a zero reference.
-
-    Example:
-        >>> a, b = torch.ones(1, 3, dtype=torch.float64), torch.ones(2, 1, dtype=torch.float64)
-        >>> relative_error(a, b, 1.1 * a, b)
-        0.1
-    """
-    if diff is None:
-        p, q = torch.cat([b, -b_ref], dim=1), torch.cat([a, a_ref], dim=0)  # (out, 2r), (2r, in)
-        difference = float(((p.T @ p) * (q @ q.T)).sum().clamp(min=0).sqrt())  # (2r, 2r) * (2r, 2r)
-    else:
-        difference = float(torch.linalg.vector_norm(diff))
-    norm = float(((b_ref.T @ b_ref) * (a_ref @ a_ref.T)).sum().clamp(min=0).sqrt())  # (r, r) * (r, r)
-    return round(difference / norm, 12) if norm > 0 else (0.0 if difference == 0 else math.inf)
 
 
 @dataclass

@@ -116,3 +116,11 @@ class Codec:
     def precision(self, packing: Any = None) -> str:
         """``"lossless"``, or what a lossy packing keeps (``"weights float16, bank int8"``)."""
         return "lossless"
+
+    def stored_bytes(self, tensors: dict[str, torch.Tensor]) -> int:
+        """Bytes this form would store for the packed form's ``tensors`` (one bank or weights encoding).
+
+        Forms whose :attr:`options` include the precision options implement it:
+        :mod:`vblora_store.precision` orders its candidates by it.
+        """
+        raise NotImplementedError(f"{type(self).__name__} takes no precision options")
