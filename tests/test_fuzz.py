@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from conftest import ROOT, SINGLE_FIXTURE, leftovers, run_cli, snapshot
 from vblora_store import VBLoRAStoreError, convert, read_adapters
 from vblora_store.format.codecs import compressed
-from vblora_store.format.codecs.packed import METADATA_KEY
+from vblora_store.format.codecs.packed_metadata import METADATA_KEY
 from vblora_store.usage import bank_usage
 
 CONFIG, WEIGHTS, WEIGHTS_BIN = "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"

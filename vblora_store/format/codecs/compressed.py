@@ -35,8 +35,8 @@ from ...dtypes import by_code, by_torch
 from ...errors import InvalidAdapterError
 from .base import Codec, Decoded, FormCounts
 from .packed import CODEC as PACKED
-from .packed import METADATA_KEY as PACKED_KEY
-from .packed import Packing, read_description
+from .packed_metadata import METADATA_KEY as PACKED_KEY
+from .packed_metadata import Packing, read_description
 from .precision import BANK, BANK_SCALE, WEIGHTS
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "METADATA_KEY", "LEVEL", "CompressedPacking", "CODEC"]

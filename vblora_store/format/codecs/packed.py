@@ -11,20 +11,17 @@ Specified byte by byte in docs/format.md ("The packed form").  In short::
 Slots are laid out module by module in the order of the module table, side A
 ``(r, in/L)`` then side B ``(out/L, r)``, each row-major.  The safetensors
 metadata makes the file self-describing (format, version, bit width, module
-table, dtypes).  Unpacking gives back PEFT's top-k tensors; with float32 weights
+table, dtypes: :mod:`.packed_metadata`).  Unpacking gives back PEFT's top-k tensors; with float32 weights
 and bank (the default) bit for bit.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Iterable
 
 import torch
 
 from ...choices import BankDtype, WeightsDtype
-from ...dtypes import DTYPES, DType, by_name, name_of
 from ...errors import InvalidAdapterError
 from ..bitpack import bits_for, pack, packed_size, unpack
 from ..keys import BANK_KEY, index_dtype, indices_key, parse_key, weights_key
@@ -34,13 +31,21 @@ from .precision import (
     BANK,
     WEIGHTS,
     bank_bits,
-    bank_layout,
     decode_bank,
     decode_weights,
     encode_bank,
     encode_weights,
     weights_bits,
-    weights_layout,
+)
+from .packed_metadata import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    INDICES,
+    METADATA_KEY,
+    Packing,
+    describe,
+    is_packed,
+    read_description,
 )
 from .topk import CODEC as TOPK
 
@@ -56,55 +61,6 @@ __all__ = [
     "pack_topk",
     "unpack_topk",
 ]
-
-FORMAT_NAME = "vblora-packed"
-FORMAT_VERSION = "1"
-INDICES = "vblora_packed.indices"
-# One metadata key holding canonical JSON: safetensors writes metadata keys in
-# hash order, so several keys would make the bytes differ from run to run.
-METADATA_KEY = "vblora_store.packed"
-
-
-def is_packed(metadata: dict | None) -> bool:
-    """Whether a safetensors header's metadata marks the packed form."""
-    return bool(metadata) and METADATA_KEY in metadata
-
-
-@dataclass(frozen=True)
-class Packing:
-    """How a packed file stores its values (its metadata, typed).
-
-    Attributes:
-        index_bits: Bits per top-k index: ``ceil(log2 N)``.
-        weights: How the top-k weights are stored.
-        bank: How the bank is stored.
-        rounded_from: The adapter's own dtype where it is wider than the packed form's widest
-            (float64 kept as float32), else ``None``: then even float32 storage is lossy.
-
-    Example:
-        >>> Packing(11, WeightsDtype.FLOAT16, BankDtype.INT8).lossy, Packing(11).info()
-        (True, {'weights_dtype': 'float32', 'bank_dtype': 'float32', 'index_bits': '11'})
-    """
-
-    index_bits: int
-    weights: WeightsDtype = WeightsDtype.FLOAT32
-    bank: BankDtype = BankDtype.FLOAT32
-    rounded_from: Optional[str] = None
-
-    @property
-    def lossy(self) -> bool:
-        """Whether the weights or the bank lose precision."""
-        stored_wide = (self.weights, self.bank) == (WeightsDtype.FLOAT32, BankDtype.FLOAT32)
-        return not stored_wide or self.rounded_from is not None
-
-    def info(self) -> dict[str, str]:
-        """The stored dtypes and index width as ``inspect`` shows them."""
-        return {
-            "weights_dtype": self.weights.value,
-            "bank_dtype": self.bank.value,
-            "index_bits": str(self.index_bits),
-        }
-
 
 def _sides(modules: Iterable) -> Iterable[tuple[str, str]]:
     for module in modules:
@@ -147,94 +103,9 @@ def pack_topk(
     out[INDICES] = pack(all_indices, bits)
     out.update(encode_weights(torch.cat(weights), weights_dtype))  # (S, k-1), at its precision
     out.update(encode_bank(bank, bank_dtype))
-    description = {
-        "format": FORMAT_NAME,
-        "version": FORMAT_VERSION,
-        "index_bits": bits,
-        "num_slots": sum(w.shape[0] for w in weights),
-        "weights_dtype": weights_dtype.value,
-        "bank_dtype": bank_dtype.value,
-        "restore_weights_dtype": name_of(restore_weights),
-        "restore_bank_dtype": name_of(bank.dtype),
-        "modules": [[m.name, m.in_features, m.out_features] for m in modules],
-    }
-    metadata = {METADATA_KEY: json.dumps(description, sort_keys=True, separators=(",", ":"))}
-    return out, metadata
-
-
-@dataclass(frozen=True)
-class Description:
-    """A packed file's metadata, checked against the config: what the file must hold, and how to read it."""
-
-    packing: Packing
-    restore_weights: DType  # the dtypes PEFT's top-k weights and bank are given back in
-    restore_bank: DType
-    modules: list[tuple[str, int, int]]  # (name, in, out), the slots' order
-    shapes: list[tuple[str, str, tuple[int, int]]]  # (module, side, (rows, cols)) of every side, in order
-    slots: int
-    expected: dict[str, tuple[torch.dtype, tuple[int, ...]]]  # every packed tensor's dtype and shape
-
-
-def read_description(
-    text: str, *, r: int, num_vectors: int, vector_length: int, topk: int, source: str
-) -> Description:
-    """Parse and check the packed form's metadata (one JSON string) against the config.
-
-    Raises:
-        InvalidAdapterError: malformed, another version, or not fitting the config.
-    """
-
-    def bad(message: str) -> InvalidAdapterError:
-        return InvalidAdapterError(
-            f"{source}: packed form: {message}; the file is damaged or not ours, fetch it again."
-        )
-
-    try:
-        description = json.loads(text)
-        if description["format"] != FORMAT_NAME:
-            raise ValueError(f"format is {description['format']!r}")
-        version = description["version"]
-        bits = int(description["index_bits"])
-        weights_dtype = WeightsDtype(description["weights_dtype"])
-        bank_dtype = BankDtype(description["bank_dtype"])
-        restore = {field: description[field] for field in ("restore_weights_dtype", "restore_bank_dtype")}
-        modules = [(str(name), int(n_in), int(n_out)) for name, n_in, n_out in description["modules"]]
-    except (KeyError, ValueError, TypeError, OverflowError, RecursionError) as e:
-        raise bad(f"metadata is incomplete or malformed ({type(e).__name__}: {e})") from e
-    if version != FORMAT_VERSION:
-        raise InvalidAdapterError(
-            f"{source}: packed format version {version}; this vblora_store reads version {FORMAT_VERSION}. "
-            "Upgrade vblora_store."
-        )
-    restore_weights, restore_bank = (_restore_dtype(field, name, bad) for field, name in restore.items())
-    if bits != bits_for(num_vectors):
-        raise bad(f"index_bits is {bits} but num_vectors={num_vectors} needs {bits_for(num_vectors)}")
-    shapes = []
-    for name, n_in, n_out in modules:
-        if n_in <= 0 or n_out <= 0 or n_in % vector_length or n_out % vector_length:
-            raise bad(
-                f"module {name!r} has features {n_in}x{n_out}, not positive multiples of {vector_length}"
-            )
-        shapes += [(name, "A", (r, n_in // vector_length)), (name, "B", (n_out // vector_length, r))]
-    slots = sum(a * b for _, _, (a, b) in shapes)
-    expected = {INDICES: (torch.uint8, (packed_size(slots * topk, bits),))}
-    expected.update(weights_layout(weights_dtype, slots, topk))
-    expected.update(bank_layout(bank_dtype, num_vectors, vector_length))
-    wider = [d.name for d in (restore_weights, restore_bank) if d.bits > 32]  # float64: stored as float32
-    packing = Packing(bits, weights_dtype, bank_dtype, wider[0] if wider else None)
-    return Description(packing, restore_weights, restore_bank, modules, shapes, slots, expected)
-
-
-def _restore_dtype(field: str, name: object, bad) -> DType:
-    """The dtype the metadata's ``field`` names: any floating dtype of :mod:`vblora_store.dtypes`."""
-    try:
-        dtype = by_name(name) if isinstance(name, str) else None
-    except KeyError:
-        dtype = None
-    if dtype is None or not dtype.floating:
-        known = ", ".join(d.name for d in DTYPES if d.floating)
-        raise bad(f"{field} is {name!r}, not a floating dtype ({known})")
-    return dtype
+    packing = Packing(bits, weights_dtype, bank_dtype)
+    slots = sum(w.shape[0] for w in weights)
+    return out, describe(packing, modules, slots, restore_weights=restore_weights, restore_bank=bank.dtype)
 
 
 def unpack_topk(
