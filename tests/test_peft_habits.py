@@ -207,6 +207,19 @@ def test_usage_errors_are_one_line_and_exit_2(args, fragment):
     _one_line_error(run_module(*args), fragment, "--help")
 
 
+def test_no_arguments_prints_the_help_unchanged_and_exits_2():
+    """A bare ``vblora-store`` is a usage error (exit 2, stdout empty) answered with the help itself.
+
+    click 8.2+ raises the help as a ``UsageError``; it must not be lowercased, cut and suffixed.
+    """
+    from conftest import run_module
+
+    bare, asked = run_module(), run_module("--help")
+    assert (bare.returncode, bare.stdout) == (2, ""), bare.stderr
+    assert bare.stderr == asked.stdout and asked.returncode == 0
+    assert bare.stderr.startswith("Usage: ") and "error:" not in bare.stderr and "  verify  " in bare.stderr
+
+
 def test_verify_tol_inf_never_fails(single_copy, tmp_path):
     convert(single_copy, tmp_path / "packed", to="packed", bank_dtype="int8")
     assert run_cli("verify", single_copy, tmp_path / "packed", "--tol", "inf").exit_code == 0
@@ -225,6 +238,7 @@ def test_help_version_and_usage_errors_do_not_import_torch():
         "print('torch' in sys.modules, 'safetensors' in sys.modules, 'huggingface_hub' in sys.modules, file=sys.stderr)\n"
     )
     for args in (
+        [],
         ["--help"],
         ["--version"],
         ["convert", "--help"],
