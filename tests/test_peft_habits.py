@@ -143,6 +143,26 @@ def test_a_full_disk_is_one_plain_line(tmp_path, single_copy):
         subprocess.run(["umount", str(small)], check=False)
 
 
+def test_a_read_only_file_system_is_said_once(tmp_path, single_copy):
+    import subprocess
+
+    from conftest import run_module
+
+    readonly = tmp_path / "ro"
+    readonly.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(readonly)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip("cannot mount a read-only tmpfs here (needs root); the message is also tested without it")
+    try:
+        result = run_module("convert", single_copy, readonly / "out")
+        line = _one_line_error(result, f"cannot write {readonly / 'out'}")
+    finally:
+        subprocess.run(["umount", str(readonly)], check=False)
+    assert line.endswith(": read-only file system; choose another destination."), line
+
+
 def test_a_failing_write_is_mapped_whatever_raises_it(tmp_path, single_copy, monkeypatch):
     """safetensors reports a full disk as its own error with "(os error 28)"; a plain OSError maps too."""
     import errno
@@ -167,6 +187,15 @@ def test_a_failing_write_is_mapped_whatever_raises_it(tmp_path, single_copy, mon
         result.exit_code == 2 and "permission denied; choose a destination you may write to" in result.stderr
     )
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".vblora-store-tmp-*"))
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr("vblora_store.format.conversion.save_file", read_only)
+    with pytest.raises(WriteError) as caught:
+        convert(single_copy, tmp_path / "out")
+    expected = f"cannot write {tmp_path / 'out'}: read-only file system; choose another destination."
+    assert str(caught.value) == expected
 
 
 def test_plot_into_proc_and_stdout_on_dev_full_are_plain_lines(single_copy):

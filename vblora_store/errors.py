@@ -112,7 +112,7 @@ _FIXES = {
     errno.EDQUOT: "free space within your quota, or choose another destination",
     errno.EACCES: "choose a destination you may write to, or change its permissions",
     errno.EPERM: "choose a destination you may write to, or change its permissions",
-    errno.EROFS: "its file system is read-only; choose another destination",
+    errno.EROFS: "choose another destination",  # strerror already says "read-only file system"
     errno.ENOTDIR: "choose another path",
     errno.EEXIST: "choose another path",
     errno.EISDIR: "it is a folder; give a file name",
