@@ -198,6 +198,114 @@ def test_a_failing_write_is_mapped_whatever_raises_it(tmp_path, single_copy, mon
     assert str(caught.value) == expected
 
 
+#: Run a command as root without the capabilities that let root read any file: mode 000 then refuses it.
+_NO_READ_OVERRIDE = [
+    "setpriv", "--inh-caps=-dac_override,-dac_read_search", "--bounding-set=-dac_override,-dac_read_search"
+]  # fmt: skip
+
+
+def _unreadable_files_are_refused_here(tmp_path) -> bool:
+    """Whether a file of mode 000 is unreadable to a command run under ``_NO_READ_OVERRIDE``."""
+    import os
+    import shutil
+    import subprocess
+
+    if os.name != "posix" or os.geteuid() != 0 or shutil.which("setpriv") is None:
+        return False
+    probe = tmp_path / "probe"
+    probe.write_text("x")
+    probe.chmod(0)
+    try:
+        return subprocess.run([*_NO_READ_OVERRIDE, "cat", str(probe)], capture_output=True).returncode != 0
+    finally:
+        probe.unlink()
+
+
+@pytest.mark.parametrize(
+    "unreadable, verb",
+    [
+        ("adapter_config.json", "read"),
+        ("adapter_model.safetensors", "read"),
+        ("adapter_model.bin", "read"),
+        ("second", "access"),  # a sub-folder: listed by the CLI, not by the reader
+    ],
+)
+def test_a_file_the_system_will_not_let_us_read_is_not_called_damaged(tmp_path, multi_copy, unreadable, verb):
+    """Permission denied is said as such, with a reader's fix; never "damaged, fetch it again"."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    if not _unreadable_files_are_refused_here(tmp_path):
+        pytest.skip("needs root and setpriv to make a file unreadable; the mapping is tested without too")
+    if unreadable.endswith(".bin"):
+        weights = multi_copy / "adapter_model.safetensors"
+        torch.save(load_file(str(weights)), multi_copy / unreadable)
+        weights.unlink()
+    (multi_copy / unreadable).chmod(0)
+    command = [*_NO_READ_OVERRIDE, sys.executable, "-m", "vblora_store", "inspect", str(multi_copy)]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    where = multi_copy / unreadable / ("adapter_config.json" if unreadable == "second" else "")
+    line = _one_line_error(result, f"cannot {verb} {str(where).rstrip('/')}: permission denied")
+    assert line.endswith("; check its permissions, or run as a user who may read it."), line
+    assert "damaged" not in line and "destination" not in line
+
+    if unreadable == "adapter_model.safetensors":  # the Python API: a typed error, also an OSError
+        probe = (
+            "from vblora_store import read_adapter\n"
+            "from vblora_store.errors import ReadError\n"
+            f"try:\n    read_adapter({str(multi_copy)!r})\n"
+            "except ReadError as e:\n    print(isinstance(e, OSError), e)\n"
+        )
+        command = [*_NO_READ_OVERRIDE, sys.executable, "-c", probe]
+        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+        expected = f"True cannot read {multi_copy / unreadable}: permission denied"
+        assert result.stdout.startswith(expected), result
+
+
+def test_a_read_refused_by_the_system_is_mapped_without_root(single_copy, monkeypatch):
+    """The same mapping, the refusal simulated: plain ``open``, safetensors' "(os error N)", the config."""
+    import errno
+    import pathlib
+
+    from safetensors import safe_open
+
+    from vblora_store.errors import ReadError
+
+    weights = single_copy / "adapter_model.safetensors"
+
+    def denied(path, *args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr("vblora_store.format.reading.open", denied, raising=False)
+    with pytest.raises(ReadError, match="^cannot read .*: permission denied; check its perm") as raised:
+        read_adapter(single_copy)
+    assert isinstance(raised.value, OSError) and str(weights) in str(raised.value)
+    monkeypatch.undo()
+
+    def io_error(*args, **kwargs):
+        raise OSError("Input/output error (os error 5)")
+
+    monkeypatch.setattr("vblora_store.format.reading.safe_open", io_error)
+    with pytest.raises(ReadError, match="input/output error; the device reported an I/O error"):
+        read_adapter(single_copy)
+    monkeypatch.setattr("vblora_store.format.reading.safe_open", safe_open)
+    read_text = pathlib.Path.read_text
+
+    def config_denied(self, *args, **kwargs):
+        if self.name == "adapter_config.json":
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return read_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "read_text", config_denied)
+    result = run_cli("inspect", single_copy)
+    assert result.exit_code == 2 and result.stderr == (
+        f"error: cannot read {single_copy / 'adapter_config.json'}: permission denied; "
+        "check its permissions, or run as a user who may read it.\n"
+    )
+
+
 def test_plot_into_proc_and_stdout_on_dev_full_are_plain_lines(single_copy):
     import subprocess
     import sys
