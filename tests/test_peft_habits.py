@@ -102,6 +102,44 @@ def test_written_folders_and_files_get_the_umask_s_modes(tmp_path, umask, single
         os.umask(previous)
 
 
+@pytest.mark.parametrize("proc", [True, False], ids=["proc-self-status", "set-and-reset"])
+def test_the_umask_is_read_without_opening_a_window_on_other_threads(monkeypatch, proc):
+    """Setting the umask to read it lets another thread create files under the mask set meanwhile.
+
+    Linux shows it in ``/proc/self/status``; elsewhere the moment's mask is 077 (private), never 0.
+    """
+    import os
+    from pathlib import Path
+
+    from vblora_store.format import atomic
+
+    real_umask, masks_set = os.umask, []
+
+    def umask(mask):
+        if proc:
+            raise AssertionError("the umask was set to read it, though /proc/self/status shows it")
+        masks_set.append(mask)
+        return real_umask(mask)
+
+    def no_proc(*args, **kwargs):
+        raise FileNotFoundError(2, "No such file or directory", "/proc/self/status")
+
+    status = Path("/proc/self/status")
+    if proc and not (status.exists() and "Umask:" in status.read_text()):
+        pytest.skip("this system's /proc/self/status does not show the umask")
+    previous = os.umask(0o027)
+    try:
+        with monkeypatch.context() as patch:
+            patch.setattr(atomic.os, "umask", umask)
+            if not proc:
+                patch.setattr(atomic, "open", no_proc, raising=False)
+            assert atomic._umask() == 0o027 and atomic.plain_file_mode() == 0o640
+        assert masks_set == ([] if proc else [0o077, 0o027, 0o077, 0o027])
+        assert os.umask(0o027) == 0o027  # left as it was
+    finally:
+        os.umask(previous)
+
+
 # -- the operating system's refusals: one plain line, exit 2, nothing left behind -------------------
 
 
