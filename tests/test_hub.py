@@ -349,6 +349,45 @@ def test_model_push_to_hub_uploads_the_adapter_not_the_base_model(hub, tmp_path)
         model.push_to_hub("acme/engine", safe_merge=True)
 
 
+def test_model_push_to_hub_takes_token_commit_description_and_tags_like_transformers(hub, monkeypatch):
+    """transformers' ``push_to_hub(token=, commit_description=, tags=)`` work; other arguments are refused."""
+    from conftest_engine import tiny_llama, twins
+
+    from vblora_store.errors import HubAuthError
+
+    _, model = twins(tiny_llama(), target_modules=["q_proj", "v_proj"])
+    monkeypatch.delenv("HF_TOKEN")  # only token= can authenticate this push
+    url = model.push_to_hub(
+        "acme/kw", token=TOKEN, commit_description="Trained on the toy task.", tags=["my-task", "peft"]
+    )
+    assert url.startswith(f"{hub.url}/acme/kw/commit/")
+    assert {r.auth for r in hub.requests} == {"valid"}
+    header = json.loads(next(r for r in hub.requests if "/commit/" in r.path).body.splitlines()[0])["value"]
+    assert header["description"] == "Trained on the toy task."
+    card = hub.files("acme/kw")["README.md"].decode()
+    assert _front_matter(card)["tags"] == ["vblora", "peft", "vblora-store", "my-task"]  # ours, then new ones
+
+    wrong = "hf_WRONGtoken0000000000000000000000"
+    with pytest.raises(HubAuthError, match="rejected your token") as rejected:
+        model.push_to_hub("acme/kw", token=wrong)
+    with pytest.raises(HubAuthError, match="token=False sends no token") as none_sent:
+        model.push_to_hub("acme/kw", token=False)
+    for error in (rejected.value, none_sent.value):
+        assert wrong not in str(error) and TOKEN not in str(error)
+    with pytest.raises(TypeError, match=r"unsupported argument\(s\) \['max_shard_size'\]"):
+        model.push_to_hub("acme/kw", token=TOKEN, max_shard_size="5GB")
+    with pytest.raises(TypeError, match="tags must be non-empty strings"):
+        model.push_to_hub("acme/kw", token=TOKEN, tags=["ok", 3])
+
+
+def test_push_takes_one_tag_as_a_string_and_keeps_the_environment_s_token(hub):
+    from vblora_store.hub import push
+
+    push(SINGLE_FIXTURE, "acme/one-tag", tags="my-task", commit_description="d")
+    assert _front_matter(hub.files("acme/one-tag")["README.md"].decode())["tags"][-1] == "my-task"
+    assert {r.auth for r in hub.requests} == {"valid"}  # HF_TOKEN, as before
+
+
 def test_the_python_functions_take_repo_ids_through_the_one_source_door(hub, tmp_path):
     from vblora_store import export_lora, merge
 

@@ -102,6 +102,44 @@ def test_written_folders_and_files_get_the_umask_s_modes(tmp_path, umask, single
         os.umask(previous)
 
 
+@pytest.mark.parametrize("proc", [True, False], ids=["proc-self-status", "set-and-reset"])
+def test_the_umask_is_read_without_opening_a_window_on_other_threads(monkeypatch, proc):
+    """Setting the umask to read it lets another thread create files under the mask set meanwhile.
+
+    Linux shows it in ``/proc/self/status``; elsewhere the moment's mask is 077 (private), never 0.
+    """
+    import os
+    from pathlib import Path
+
+    from vblora_store.format import atomic
+
+    real_umask, masks_set = os.umask, []
+
+    def umask(mask):
+        if proc:
+            raise AssertionError("the umask was set to read it, though /proc/self/status shows it")
+        masks_set.append(mask)
+        return real_umask(mask)
+
+    def no_proc(*args, **kwargs):
+        raise FileNotFoundError(2, "No such file or directory", "/proc/self/status")
+
+    status = Path("/proc/self/status")
+    if proc and not (status.exists() and "Umask:" in status.read_text()):
+        pytest.skip("this system's /proc/self/status does not show the umask")
+    previous = os.umask(0o027)
+    try:
+        with monkeypatch.context() as patch:
+            patch.setattr(atomic.os, "umask", umask)
+            if not proc:
+                patch.setattr(atomic, "open", no_proc, raising=False)
+            assert atomic._umask() == 0o027 and atomic.plain_file_mode() == 0o640
+        assert masks_set == ([] if proc else [0o077, 0o027, 0o077, 0o027])
+        assert os.umask(0o027) == 0o027  # left as it was
+    finally:
+        os.umask(previous)
+
+
 # -- the operating system's refusals: one plain line, exit 2, nothing left behind -------------------
 
 
@@ -143,6 +181,26 @@ def test_a_full_disk_is_one_plain_line(tmp_path, single_copy):
         subprocess.run(["umount", str(small)], check=False)
 
 
+def test_a_read_only_file_system_is_said_once(tmp_path, single_copy):
+    import subprocess
+
+    from conftest import run_module
+
+    readonly = tmp_path / "ro"
+    readonly.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(readonly)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip("cannot mount a read-only tmpfs here (needs root); the message is also tested without it")
+    try:
+        result = run_module("convert", single_copy, readonly / "out")
+        line = _one_line_error(result, f"cannot write {readonly / 'out'}")
+    finally:
+        subprocess.run(["umount", str(readonly)], check=False)
+    assert line.endswith(": read-only file system; choose another destination."), line
+
+
 def test_a_failing_write_is_mapped_whatever_raises_it(tmp_path, single_copy, monkeypatch):
     """safetensors reports a full disk as its own error with "(os error 28)"; a plain OSError maps too."""
     import errno
@@ -167,6 +225,123 @@ def test_a_failing_write_is_mapped_whatever_raises_it(tmp_path, single_copy, mon
         result.exit_code == 2 and "permission denied; choose a destination you may write to" in result.stderr
     )
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".vblora-store-tmp-*"))
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr("vblora_store.format.conversion.save_file", read_only)
+    with pytest.raises(WriteError) as caught:
+        convert(single_copy, tmp_path / "out")
+    expected = f"cannot write {tmp_path / 'out'}: read-only file system; choose another destination."
+    assert str(caught.value) == expected
+
+
+#: Run a command as root without the capabilities that let root read any file: mode 000 then refuses it.
+_NO_READ_OVERRIDE = [
+    "setpriv", "--inh-caps=-dac_override,-dac_read_search", "--bounding-set=-dac_override,-dac_read_search"
+]  # fmt: skip
+
+
+def _unreadable_files_are_refused_here(tmp_path) -> bool:
+    """Whether a file of mode 000 is unreadable to a command run under ``_NO_READ_OVERRIDE``."""
+    import os
+    import shutil
+    import subprocess
+
+    if os.name != "posix" or os.geteuid() != 0 or shutil.which("setpriv") is None:
+        return False
+    probe = tmp_path / "probe"
+    probe.write_text("x")
+    probe.chmod(0)
+    try:
+        return subprocess.run([*_NO_READ_OVERRIDE, "cat", str(probe)], capture_output=True).returncode != 0
+    finally:
+        probe.unlink()
+
+
+@pytest.mark.parametrize(
+    "unreadable, verb",
+    [
+        ("adapter_config.json", "read"),
+        ("adapter_model.safetensors", "read"),
+        ("adapter_model.bin", "read"),
+        ("second", "access"),  # a sub-folder: listed by the CLI, not by the reader
+    ],
+)
+def test_a_file_the_system_will_not_let_us_read_is_not_called_damaged(tmp_path, multi_copy, unreadable, verb):
+    """Permission denied is said as such, with a reader's fix; never "damaged, fetch it again"."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    if not _unreadable_files_are_refused_here(tmp_path):
+        pytest.skip("needs root and setpriv to make a file unreadable; the mapping is tested without too")
+    if unreadable.endswith(".bin"):
+        weights = multi_copy / "adapter_model.safetensors"
+        torch.save(load_file(str(weights)), multi_copy / unreadable)
+        weights.unlink()
+    (multi_copy / unreadable).chmod(0)
+    command = [*_NO_READ_OVERRIDE, sys.executable, "-m", "vblora_store", "inspect", str(multi_copy)]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    where = multi_copy / unreadable / ("adapter_config.json" if unreadable == "second" else "")
+    line = _one_line_error(result, f"cannot {verb} {str(where).rstrip('/')}: permission denied")
+    assert line.endswith("; check its permissions, or run as a user who may read it."), line
+    assert "damaged" not in line and "destination" not in line
+
+    if unreadable == "adapter_model.safetensors":  # the Python API: a typed error, also an OSError
+        probe = (
+            "from vblora_store import read_adapter\n"
+            "from vblora_store.errors import ReadError\n"
+            f"try:\n    read_adapter({str(multi_copy)!r})\n"
+            "except ReadError as e:\n    print(isinstance(e, OSError), e)\n"
+        )
+        command = [*_NO_READ_OVERRIDE, sys.executable, "-c", probe]
+        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+        expected = f"True cannot read {multi_copy / unreadable}: permission denied"
+        assert result.stdout.startswith(expected), result
+
+
+def test_a_read_refused_by_the_system_is_mapped_without_root(single_copy, monkeypatch):
+    """The same mapping, the refusal simulated: plain ``open``, safetensors' "(os error N)", the config."""
+    import errno
+    import pathlib
+
+    from safetensors import safe_open
+
+    from vblora_store.errors import ReadError
+
+    weights = single_copy / "adapter_model.safetensors"
+
+    def denied(path, *args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr("vblora_store.format.reading.open", denied, raising=False)
+    with pytest.raises(ReadError, match="^cannot read .*: permission denied; check its perm") as raised:
+        read_adapter(single_copy)
+    assert isinstance(raised.value, OSError) and str(weights) in str(raised.value)
+    monkeypatch.undo()
+
+    def io_error(*args, **kwargs):
+        raise OSError("Input/output error (os error 5)")
+
+    monkeypatch.setattr("vblora_store.format.reading.safe_open", io_error)
+    with pytest.raises(ReadError, match="input/output error; the device reported an I/O error"):
+        read_adapter(single_copy)
+    monkeypatch.setattr("vblora_store.format.reading.safe_open", safe_open)
+    read_text = pathlib.Path.read_text
+
+    def config_denied(self, *args, **kwargs):
+        if self.name == "adapter_config.json":
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return read_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "read_text", config_denied)
+    result = run_cli("inspect", single_copy)
+    assert result.exit_code == 2 and result.stderr == (
+        f"error: cannot read {single_copy / 'adapter_config.json'}: permission denied; "
+        "check its permissions, or run as a user who may read it.\n"
+    )
 
 
 def test_plot_into_proc_and_stdout_on_dev_full_are_plain_lines(single_copy):
@@ -207,6 +382,19 @@ def test_usage_errors_are_one_line_and_exit_2(args, fragment):
     _one_line_error(run_module(*args), fragment, "--help")
 
 
+def test_no_arguments_prints_the_help_unchanged_and_exits_2():
+    """A bare ``vblora-store`` is a usage error (exit 2, stdout empty) answered with the help itself.
+
+    click 8.2+ raises the help as a ``UsageError``; it must not be lowercased, cut and suffixed.
+    """
+    from conftest import run_module
+
+    bare, asked = run_module(), run_module("--help")
+    assert (bare.returncode, bare.stdout) == (2, ""), bare.stderr
+    assert bare.stderr == asked.stdout and asked.returncode == 0
+    assert bare.stderr.startswith("Usage: ") and "error:" not in bare.stderr and "  verify  " in bare.stderr
+
+
 def test_verify_tol_inf_never_fails(single_copy, tmp_path):
     convert(single_copy, tmp_path / "packed", to="packed", bank_dtype="int8")
     assert run_cli("verify", single_copy, tmp_path / "packed", "--tol", "inf").exit_code == 0
@@ -225,6 +413,7 @@ def test_help_version_and_usage_errors_do_not_import_torch():
         "print('torch' in sys.modules, 'safetensors' in sys.modules, 'huggingface_hub' in sys.modules, file=sys.stderr)\n"
     )
     for args in (
+        [],
         ["--help"],
         ["--version"],
         ["convert", "--help"],

@@ -23,15 +23,23 @@ from .results import EXIT_BAD_INPUT, EXIT_OK
 __all__ = ["Group", "Number", "Choice", "enum_option", "format_option", "sources", "emit"]
 
 
+#: click >= 8.2 raises this UsageError, whose message is the whole help, for a bare group; older click
+#: prints the help itself and exits 0 (then nothing matches this empty tuple).
+_NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
+
+
 class Group(click.Group):
     """One line per error, exit code 2: usage errors, library errors, the operating system's refusals.
 
-    A traceback only with ``--debug``.
+    A traceback only with ``--debug``.  No arguments at all is a usage error too, answered with the
+    help unchanged on stderr (as click >= 8.2, black and POSIX tools answer a missing operand).
     """
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         try:
             code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except _NO_ARGS_IS_HELP as e:  # bare `vblora-store`: the help itself, as click >= 8.2 prints it
+            _fail(e.format_message())
         except click.UsageError as e:
             where = e.ctx.command_path if e.ctx is not None else "vblora-store"
             message = e.format_message().rstrip(".")

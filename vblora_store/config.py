@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from .errors import AdapterNotFoundError, InvalidConfigError
+from .errors import AdapterNotFoundError, InvalidConfigError, read_error
 
 __all__ = ["VBLoRAConfig", "CONFIG_NAME", "PEFT_TYPE"]
 
@@ -179,6 +179,8 @@ class VBLoRAConfig:
             raise InvalidConfigError(
                 f"{file}: not valid JSON ({e}); restore the file from its source."
             ) from e
+        except OSError as e:  # permissions, an I/O error: the file may be sound
+            raise read_error(file, e) from e
         return cls.from_dict(data, source=str(file))
 
     def to_json_string(self) -> str:

@@ -29,8 +29,10 @@ __all__ = [
     "InvalidCheckpointError",
     "UnsafePathError",
     "WriteError",
+    "ReadError",
     "OSProblem",
     "os_problem",
+    "read_error",
 ]
 
 
@@ -106,19 +108,34 @@ class WriteError(VBLoRAStoreError, OSError):
     """The operating system refused a write (full disk, read-only or missing folder, no permission)."""
 
 
-#: What to do about each operating-system failure, by errno.
-_FIXES = {
+class ReadError(VBLoRAStoreError, OSError):
+    """The operating system refused a read (no permission, an I/O error): the file itself may be sound."""
+
+
+#: What to do about each operating-system failure while writing, by errno.
+_WRITE_FIXES = {
     errno.ENOSPC: "free space on that device, or choose another destination",
     errno.EDQUOT: "free space within your quota, or choose another destination",
     errno.EACCES: "choose a destination you may write to, or change its permissions",
     errno.EPERM: "choose a destination you may write to, or change its permissions",
-    errno.EROFS: "its file system is read-only; choose another destination",
+    errno.EROFS: "choose another destination",  # strerror already says "read-only file system"
     errno.ENOTDIR: "choose another path",
     errno.EEXIST: "choose another path",
-    errno.EISDIR: "it is a folder; give a file name",
+    errno.EISDIR: "give a file name, not a folder's",
     errno.ENOENT: "a folder on the way does not exist and cannot be made; check the path",
     errno.ENAMETOOLONG: "choose a shorter path",
     errno.EIO: "the device reported an I/O error; check it, or choose another destination",
+}
+#: What to do about each operating-system failure while reading (or looking at) a path, by errno.
+_READ_FIXES = {
+    errno.EACCES: "check its permissions, or run as a user who may read it",
+    errno.EPERM: "check its permissions, or run as a user who may read it",
+    errno.ENOENT: "check the path",
+    errno.ENOTDIR: "check the path",
+    errno.EISDIR: "give the file, not its folder",
+    errno.ELOOP: "check the symbolic links on the path",
+    errno.ENAMETOOLONG: "use a shorter path",
+    errno.EIO: "the device reported an I/O error; check it, or fetch the file again",
 }
 #: Plainer words than ``strerror``'s where the error is about the path itself.
 _TEXTS = {
@@ -135,8 +152,20 @@ class OSProblem:
         self.code, self.text = code, _TEXTS.get(code, text)
 
     def message(self, verb: str, path: Union[str, Path]) -> str:
-        """``cannot <verb> <path>: <what happened>; <what to do>.``"""
-        fix = _FIXES.get(self.code, "check the path and its permissions")
+        """``cannot <verb> <path>: <what happened>; <what to do>.``
+
+        ``write`` gets a writer's advice (another destination); any other verb (``read``,
+        ``access``) a reader's (the file's permissions).
+
+        Example:
+            >>> problem = os_problem(PermissionError(13, "Permission denied"))
+            >>> problem.message("read", "w")
+            'cannot read w: permission denied; check its permissions, or run as a user who may read it.'
+            >>> problem.message("write", "w")  # doctest: +ELLIPSIS
+            'cannot write w: permission denied; choose a destination you may write to, ...'
+        """
+        fixes = _WRITE_FIXES if verb == "write" else _READ_FIXES
+        fix = fixes.get(self.code, "check the path and its permissions")
         return f"cannot {verb} {path}: {self.text}; {fix}."
 
 
@@ -157,3 +186,14 @@ def os_problem(error: BaseException) -> Optional[OSProblem]:
         return None
     code = int(match.group(1))
     return OSProblem(code, os.strerror(code).lower())
+
+
+def read_error(path: Union[str, Path], error: OSError) -> ReadError:
+    """The :class:`ReadError` for ``error``, raised while reading ``path``: what happened, and a reader's fix.
+
+    Example:
+        >>> str(read_error("c.json", PermissionError(13, "Permission denied")))
+        'cannot read c.json: permission denied; check its permissions, or run as a user who may read it.'
+    """
+    problem = os_problem(error) or OSProblem(None, str(error))
+    return ReadError(problem.message("read", path))

@@ -192,8 +192,19 @@ def _is_under(path: Path, folder: Path) -> bool:
 
 
 def _umask() -> int:
-    """The process's umask (read by setting it, then setting it back)."""
-    mask = os.umask(0)
+    """The process's umask, read from ``/proc/self/status`` where Linux (4.7+) shows it.
+
+    Elsewhere it is read by setting it and setting it back; a file another thread creates in that
+    moment gets the private mask 077, never a world-writable mode.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o077)
     os.umask(mask)
     return mask
 

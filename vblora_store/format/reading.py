@@ -24,7 +24,7 @@ from safetensors import SafetensorError, safe_open
 
 from ..config import CONFIG_NAME, VBLoRAConfig
 from ..dtypes import by_code
-from ..errors import AdapterNotFoundError, InvalidAdapterError, InvalidConfigError
+from ..errors import AdapterNotFoundError, InvalidAdapterError, InvalidConfigError, os_problem, read_error
 from ..folders import find_adapter_folders
 from ..sources import resolve_source
 from ..storage_forms import StorageForm
@@ -74,6 +74,7 @@ def read_adapter(
 
     Raises:
         AdapterNotFoundError: a file is missing.
+        ReadError: the operating system refused to read a file (permissions, an I/O error).
         InvalidConfigError: the config is not a usable VB-LoRA config.
         InvalidAdapterError: the weights do not fit the config.
         UnsafePathError: a file is a symbolic link leading outside ``folder``.
@@ -90,9 +91,9 @@ def read_adapter(
             "build one with VBLoRAConfig(...) or VBLoRAConfig.from_dict(peft_config.to_dict())."
         )
     if st_path.is_file():
-        path, (specs, reader, metadata) = st_path, _open_safetensors(st_path)
+        path, (specs, reader, metadata) = st_path, _open_safetensors(_readable(st_path))
     elif bin_path.is_file():
-        path, (specs, reader), metadata = bin_path, _open_bin(bin_path), None
+        path, (specs, reader), metadata = bin_path, _open_bin(_readable(bin_path)), None
     else:
         raise AdapterNotFoundError(
             f"{folder}: has {CONFIG_NAME} but no {WEIGHTS_NAME} or {WEIGHTS_NAME_BIN}; copy the weights file beside it."
@@ -124,6 +125,20 @@ def _detect(specs: dict[str, TensorSpec], metadata: Optional[dict[str, str]]) ->
     return StorageForm.FULL  # no tensor a form recognises: the layout check names what is missing
 
 
+def _readable(path: Path) -> Path:
+    """``path``, once the operating system has let us open it; its refusal is a ``ReadError``, not damage.
+
+    safetensors reports a file it may not open as ``No such file or directory``, without an errno,
+    and the zip reader of ``.bin`` files as a bad archive: open it plainly first.
+    """
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as e:
+        raise read_error(path, e) from e
+    return path
+
+
 def _open_safetensors(path: Path):
     try:
         handle = safe_open(str(path), framework="pt")
@@ -140,6 +155,8 @@ def _open_safetensors(path: Path):
     except (SafetensorError, OSError, ValueError) as e:
         if isinstance(e, InvalidAdapterError):
             raise
+        if isinstance(e, OSError) and os_problem(e) is not None:  # an errno, or "(os error N)": not damage
+            raise read_error(path, e) from e
         raise InvalidAdapterError(
             f"{path}: not a readable safetensors file ({e}); the file is damaged, fetch it again."
         ) from e

@@ -26,17 +26,19 @@ _AUTO_CLASSES = {
 }
 
 
-def model_card(adapters: Sequence[StoredAdapter], *, repo_id: str) -> str:
+def model_card(adapters: Sequence[StoredAdapter], *, repo_id: str, tags: Sequence[str] = ()) -> str:
     """The ``README.md`` pushed with ``adapters``: YAML front matter, then Markdown.
 
-    The front matter has ``library_name: peft``, tags (``vblora``, and
-    ``inference-only`` for every form without logits) and ``base_model`` when
-    the configs name a Hub repo (never a local path).  The body says what the
+    The front matter has ``library_name: peft``, tags (``vblora``, ``peft``,
+    ``vblora-store``, ``inference-only`` for every form without logits, then
+    ``tags``) and ``base_model`` when the configs name a Hub repo (never a
+    local path).  The body says what the
     adapter is, gives its compression report, and how to load it.
 
     Args:
         adapters: The adapters of one folder, as :func:`read_adapters` returns them.
         repo_id: The repo they are pushed to (used in the loading examples).
+        tags: More tags, after the card's own (each once).
 
     Returns:
         The card's text.
@@ -53,10 +55,11 @@ def model_card(adapters: Sequence[StoredAdapter], *, repo_id: str) -> str:
     inference_only = any(not form.has_logits for form in forms)
     bases = sorted({a.config.base_model_name_or_path for a in adapters} - {None})
     bases = [base for base in bases if _is_hub_model(base)]
+    own = ["vblora", "peft", "vblora-store"] + (["inference-only"] if inference_only else [])
     metadata = ModelCardData(
         library_name="peft",
         base_model=(bases[0] if len(bases) == 1 else bases) or None,
-        tags=["vblora", "peft", "vblora-store"] + (["inference-only"] if inference_only else []),
+        tags=list(dict.fromkeys([*own, *tags])),
     )
     name = repo_id.split("/")[-1]
     where = ", ".join(f"`{a.name}` ({_location(a)})" for a in adapters)

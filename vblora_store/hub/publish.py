@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Optional, Union
+from typing import Iterable, Optional, Union
 
 from ..errors import HubAuthError, InvalidRepoIdError
 from ..folders import CONFIG_NAME
@@ -29,7 +29,10 @@ def push(
     private: bool = False,
     revision: Optional[str] = None,
     commit_message: Optional[str] = None,
+    commit_description: Optional[str] = None,
     create_pr: bool = False,
+    tags: Optional[Union[str, Iterable[str]]] = None,
+    token: Optional[Union[str, bool]] = None,
 ) -> str:
     """Upload the adapters in ``path`` to ``repo_id`` in one commit, with a model card.
 
@@ -45,7 +48,11 @@ def push(
         private: Create the repo private (an existing repo keeps its visibility).
         revision: The branch to commit to (created from main if missing).
         commit_message: Defaults to one naming the adapters' forms.
+        commit_description: The commit's (or pull request's) description.
         create_pr: Open a pull request instead of committing to the branch.
+        tags: More tags for the model card's front matter, after its own (a string is one tag).
+        token: The token to push with (never printed); ``None`` or ``True``: huggingface_hub's own
+            (``HF_TOKEN``, else the login cache); ``False``: none, so the push is refused.
 
     Returns:
         The URL of the commit, or of the pull request.
@@ -54,6 +61,7 @@ def push(
         InvalidRepoIdError: ``repo_id`` is not ``namespace/name``.
         HubAuthError: no token, or one the Hub rejected or that may not write there.
         HubConnectionError: the Hub cannot be reached.
+        TypeError: ``tags`` or ``token`` of the wrong type.
 
     Example:
         >>> push("runs/my-adapter", "acme/my-adapter", to="packed")  # doctest: +SKIP
@@ -63,13 +71,9 @@ def push(
         raise InvalidRepoIdError(
             f"{repo_id}: not a Hub repo id; use namespace/name, such as your-user/{Path(path).name}."
         )
-    from huggingface_hub import CommitOperationAdd, HfApi, get_token
+    from huggingface_hub import CommitOperationAdd, HfApi
 
-    if get_token() is None:
-        raise HubAuthError(
-            f"{repo_id}: no Hub token found; set HF_TOKEN or run `hf auth login` with a token that can write "
-            f"to {repo_id.split('/')[0]}."
-        )
+    tags, token = _tags(tags), _token(token, repo_id)
     with tempfile.TemporaryDirectory(prefix=TMP_PREFIX) as work:
         source = Path(path)
         if to is not None:
@@ -79,12 +83,13 @@ def push(
         if to is None:
             for adapter in adapters:
                 adapter.check_values()
-        operations = [CommitOperationAdd("README.md", model_card(adapters, repo_id=repo_id).encode())]
+        card = model_card(adapters, repo_id=repo_id, tags=tags)
+        operations = [CommitOperationAdd("README.md", card.encode())]
         for adapter in adapters:
             for file in (adapter.folder / CONFIG_NAME, adapter.weights_path):
                 operations.append(CommitOperationAdd(file.relative_to(source).as_posix(), str(file)))
         forms = ", ".join(sorted({a.form.value for a in adapters}))
-        api = HfApi()
+        api = HfApi(token=token)
         with hub_errors(describe_repo(repo_id, revision)):
             api.create_repo(repo_id, private=private or None, exist_ok=True)
             if revision not in (None, "main"):
@@ -93,6 +98,7 @@ def push(
                 repo_id,
                 operations,
                 commit_message=commit_message or f"Upload VB-LoRA adapters ({forms} form) with vblora-store",
+                commit_description=commit_description,
                 revision=revision,
                 create_pr=create_pr,
             )
@@ -106,7 +112,7 @@ def push_model(model, repo_id: str, *, to: Optional[str] = None, **kwargs) -> st
         TypeError: an argument neither ``save_pretrained`` nor :func:`push` takes.
     """
     save_keys = {"selected_adapters", "save_only_topk_weights", "safe_serialization"}
-    push_keys = {"private", "revision", "commit_message", "create_pr"}
+    push_keys = {"private", "revision", "commit_message", "commit_description", "create_pr", "tags", "token"}
     unknown = sorted(set(kwargs) - save_keys - push_keys)
     if unknown:
         raise TypeError(
@@ -115,3 +121,40 @@ def push_model(model, repo_id: str, *, to: Optional[str] = None, **kwargs) -> st
     with tempfile.TemporaryDirectory(prefix=TMP_PREFIX) as work:
         model.save_pretrained(work, **{k: v for k, v in kwargs.items() if k in save_keys})
         return push(work, repo_id, to=to, **{k: v for k, v in kwargs.items() if k in push_keys})
+
+
+def _tags(tags: Optional[Union[str, Iterable[str]]]) -> list[str]:
+    """``tags`` as a list of strings (one string is one tag, not its letters)."""
+    if tags is None:
+        return []
+    try:
+        tags = [tags] if isinstance(tags, str) else list(tags)
+    except TypeError:
+        raise TypeError(f"tags must be a string or a list of strings, not {type(tags).__name__}.") from None
+    wrong = [t for t in tags if not isinstance(t, str) or not t]
+    if wrong:
+        raise TypeError(f"tags must be non-empty strings; got {wrong!r}.")
+    return tags
+
+
+def _token(token: Optional[Union[str, bool]], repo_id: str) -> str:
+    """The token to push with: ``token`` itself, else huggingface_hub's; never put in a message."""
+    from huggingface_hub import get_token
+
+    if token is not None and not isinstance(token, (str, bool)):
+        raise TypeError(f"token must be a string or a bool, not {type(token).__name__}.")
+    if isinstance(token, str):
+        return token
+    owner = repo_id.split("/")[0]
+    if token is False:
+        raise HubAuthError(
+            f"{repo_id}: token=False sends no token, and pushing needs one; pass a token that can write to "
+            f"{owner}, or leave token unset to use HF_TOKEN or the login cache."
+        )
+    found = get_token()
+    if found is None:
+        raise HubAuthError(
+            f"{repo_id}: no Hub token found; set HF_TOKEN or run `hf auth login` with a token that can write "
+            f"to {owner}."
+        )
+    return found
