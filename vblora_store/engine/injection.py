@@ -10,20 +10,17 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from enum import Enum
-from typing import Any, Optional
-
-import torch
+from typing import Optional
 
 from torch import nn
 
 from ..config import VBLoRAConfig
-from ..errors import AdapterStateError, TargetingError
+from ..errors import TargetingError
 from ..format.stored import StoredAdapter
 from .layer import VBLoRALinear
 from .targeting import CLASSIFIER_HEADS, check_fits, conv1d_class, find_targets, layer_features
 
-__all__ = ["prepared_config", "fan_in_fan_out", "plan_targets", "as_config", "refuse_dropped_logits"]
+__all__ = ["prepared_config", "fan_in_fan_out", "plan_targets"]
 
 _WRAPPERS = (VBLoRALinear,)
 
@@ -73,28 +70,3 @@ def plan_targets(
         check_fits(name, *layer_features(base, fan), config.vector_length)
         plan.append((name, base, fan))
     return plan
-
-
-def as_config(config: Any) -> VBLoRAConfig:
-    """A vblora_store config from ours or PEFT's ``VBLoRAConfig`` (``from_pretrained(config=...)``)."""
-    if config is None or isinstance(config, VBLoRAConfig):
-        return config
-    if not hasattr(config, "to_dict"):
-        raise AdapterStateError(f"config must be a VBLoRAConfig, got {type(config).__name__}.")
-    plain = {k: v.value if isinstance(v, Enum) else sorted(v) if isinstance(v, set) else v
-             for k, v in config.to_dict().items()}  # fmt: skip
-    return VBLoRAConfig.from_dict(plain, source=f"config ({type(config).__name__})")
-
-
-def refuse_dropped_logits(stored: StoredAdapter) -> None:
-    """Refuse training from ``-inf`` logits (as PEFT's training does): the dropped ones can never come back."""
-    from ..format.keys import parse_key
-
-    for key in stored.specs:
-        parts = parse_key(key)
-        if parts is not None and parts.part == "logits" and bool(torch.isneginf(stored.tensor(key)).any()):
-            raise AdapterStateError(
-                f"{stored.folder}: tensor {key!r} holds -inf logits (PEFT's full save of an adapter loaded from "
-                "top-k form): the dropped logits can never re-enter the top-k, so it cannot be trained. Load it "
-                "with is_trainable=False, or train from the original full adapter."
-            )

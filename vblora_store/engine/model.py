@@ -19,11 +19,8 @@ import torch
 from torch import nn
 
 from ..config import VBLoRAConfig
-from ..errors import AdapterStateError
-from ..format import read_adapter
-from ..sources import resolve_source
+from .loading import as_config, load_adapter
 from .saving import save_model
-from .injection import as_config, refuse_dropped_logits
 from .serving import WrappedForward, call_routed
 from .state import savable_parameter_counts
 from .status import LayerStatus, ModelStatus, layer_status, model_status
@@ -171,23 +168,11 @@ class VBLoRAModel(nn.Module):
         Raises:
             AdapterStateError: ``is_trainable`` with a top-k adapter, or the name is taken.
         """
-        tuner = self.base_model
-        folder = resolve_source(model_id, revision=revision, subfolder=subfolder, nested=False)
-        stored = read_adapter(folder, name=adapter_name, config=as_config(config))
-        if is_trainable and not stored.form.has_logits:
-            raise AdapterStateError(
-                f"{stored.folder}: the adapter is stored in {stored.form.value} form, which keeps the "
-                "top-k weights but not the logits, so it cannot be trained. Load it with "
-                "is_trainable=False, or train from the full-form adapter."
-            )
-        if is_trainable and stored.form.has_logits:
-            refuse_dropped_logits(stored)
-        if adapter_name in tuner._placeholders:
-            tuner.forget(adapter_name)
-        tuner.inject(
-            adapter_name, stored.config, stored, device=torch_device, autocast=autocast_adapter_dtype
-        )
-        tuner.set_trainable(adapter_name, is_trainable)
+        load_adapter(
+            self.base_model, model_id, adapter_name, is_trainable=is_trainable, torch_device=torch_device,
+            autocast_adapter_dtype=autocast_adapter_dtype, revision=revision, subfolder=subfolder,
+            config=config,
+        )  # fmt: skip
         if not is_trainable:
             self.eval()
 
