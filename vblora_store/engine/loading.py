@@ -37,10 +37,16 @@ def as_config(config: Any) -> VBLoRAConfig:
 
 
 def refuse_dropped_logits(stored: StoredAdapter) -> None:
-    """Refuse training from ``-inf`` logits (as PEFT's training does): the dropped ones can never come back."""
+    """Refuse training from ``-inf`` logits (as PEFT's training does): the dropped ones can never come back.
+
+    Each logits tensor is read through the value checks, as every other read of
+    an adapter is: a damaged one raises :class:`~vblora_store.errors.InvalidAdapterError`.
+    """
     for key in stored.specs:
         parts = parse_key(key)
-        if parts is not None and parts.part == "logits" and bool(torch.isneginf(stored.tensor(key)).any()):
+        if parts is None or parts.part != "logits":
+            continue
+        if bool(torch.isneginf(stored.checked_tensor(key)).any()):
             raise AdapterStateError(
                 f"{stored.folder}: tensor {key!r} holds -inf logits (PEFT's full save of an adapter loaded from "
                 "top-k form): the dropped logits can never re-enter the top-k, so it cannot be trained. Load it "
