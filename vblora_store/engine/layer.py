@@ -30,7 +30,7 @@ from torch import nn
 
 from ..config import VBLoRAConfig
 from ..errors import AdapterStateError
-from ..topk import delta_weight, lora_factors, mix_weights
+from ..topk import delta_weight, lora_factors, mix_weights, subvector_factors
 from .batched import add_lora
 from .cache import FactorCache
 from .routing import BatchRoute
@@ -215,7 +215,7 @@ class VBLoRALinear(nn.Module):
             where, held = self.topk_slices[adapter], self._topk_store[adapter]
             sub_a = held.subvectors(sources[0], where.a_slots.start, where.a_slots.stop)
             sub_b = held.subvectors(sources[0], where.b_slots.start, where.b_slots.stop)
-            return self.factors_from_subvectors(adapter, sub_a, sub_b)
+            return subvector_factors(sub_a, sub_b, self.r[adapter])
         device = sources[1].device
         compute = torch.promote_types(sources[0].dtype, torch.float32)
         bank = sources[0].to(device=device, dtype=compute)  # (N, L)
@@ -223,22 +223,6 @@ class VBLoRALinear(nn.Module):
         a_idx, a_w = mix_weights(sources[1].to(compute), k)  # (r, in/L, N) -> (r, in/L, k)
         b_idx, b_w = mix_weights(sources[2].to(compute), k)  # (out/L, r, N) -> (out/L, r, k)
         return lora_factors(a_idx, a_w, b_idx, b_w, bank)
-
-    def factors_from_subvectors(
-        self, adapter: str, sub_a: torch.Tensor, sub_b: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """A ``(r, in)`` and B ``(out, r)`` from this module's composed sub-vectors of a top-k adapter.
-
-        Args:
-            adapter: A top-k adapter of this layer.
-            sub_a: ``(r·in/L, L)`` side A's sub-vectors, row-major over ``(r, in/L)``.
-            sub_b: ``(out/L·r, L)`` side B's, row-major over ``(out/L, r)``.
-        """
-        r = self.r[adapter]
-        a = sub_a.reshape(r, self.in_features)  # (r·in/L, L) -> (r, in/L·L) = (r, in)
-        b_sub = sub_b.reshape(-1, r, sub_b.shape[-1])  # (out/L·r, L) -> (out/L, r, L)
-        b = b_sub.transpose(1, 2).reshape(self.out_features, r)  # -> (out/L, L, r) -> (out, r)
-        return a, b
 
     def _training_factors(self, adapter: str) -> bool:
         return torch.is_grad_enabled() and any(t.requires_grad for t in self._sources(adapter))

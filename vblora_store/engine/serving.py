@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import torch
 
 from ..errors import AdapterNamesError
+from ..topk import subvector_factors
 from .batched import load_kernels
 from .slots import source_key
 from .routing import BASE_ADAPTER, check_adapter_names
@@ -108,8 +109,8 @@ def prepare_factors(model, adapter: str, *, keep: Sequence[str] = ()) -> int:
             subvectors = held.subvectors(bank)  # (S, L), every slot of every module
             for layer in layers:
                 where = layer.topk_slices[adapter]
-                a, b = layer.factors_from_subvectors(
-                    adapter, subvectors[where.a_slots], subvectors[where.b_slots]
+                a, b = subvector_factors(
+                    subvectors[where.a_slots], subvectors[where.b_slots], layer.r[adapter]
                 )
                 layer.factor_slots.store(slot, a, b.T, (adapter, layer.source_key(adapter)))
     else:
