@@ -38,13 +38,13 @@ class RecordOps(TorchDispatchMode):
 
 def _count_builds(monkeypatch) -> list[str]:
     calls: list[str] = []
-    original = VBLoRALinear._build_factors
+    original = VBLoRALinear.build_factors
 
     def counting(self, adapter):
         calls.append(self.module_name)
         return original(self, adapter)
 
-    monkeypatch.setattr(VBLoRALinear, "_build_factors", counting)
+    monkeypatch.setattr(VBLoRALinear, "build_factors", counting)
     return calls
 
 

@@ -9,15 +9,13 @@ Each adapter of a layer is held in one of two forms:
   flat tensors on the model (so a thousand resident adapters are a few
   thousand tensors, not millions).
 
-Either way the dense factors A ``(r, in)`` and B ``(out, r)`` come from
-:func:`vblora_store.topk.lora_factors`.  Outside training they are built once
-into the adapter's slot of this layer's factor stacks (``factor_slots``,
-:mod:`.slots`: ``a`` ``(slots, R, in)``, ``bt`` ``(slots, R, out)``; :mod:`.cache` says which adapter
-has which slot) and reused; the slot remembers the version counters of every
-source tensor, so an optimizer step, a ``load_state_dict`` or any in-place edit
-rebuilds it on the next call, as does moving or casting the model.  An
-unmerged forward then costs a rank-r LoRA: ``x @ A.T @ B.T``; a mixed-adapter
-batch costs one :func:`~vblora_store.engine.batched.add_lora`.
+Either way the layer composes the dense factors A ``(r, in)`` and B ``(out, r)``
+(:meth:`VBLoRALinear.build_factors`, with :mod:`vblora_store.topk`).  Outside
+training they are built once into the adapter's slot of this layer's factor
+stacks (``factor_slots``, :mod:`.slots`: ``a`` ``(slots, R, in)``, ``bt``
+``(slots, R, out)``) and kept current there (:mod:`.building`).  An unmerged
+forward then costs a rank-r LoRA: ``x @ A.T @ B.T``; a mixed-adapter batch
+costs one :func:`~vblora_store.engine.batched.add_lora`.
 """
 
 from __future__ import annotations
@@ -32,6 +30,7 @@ from ..config import VBLoRAConfig
 from ..errors import AdapterStateError
 from ..topk import delta_weight, lora_factors, mix_weights, subvector_factors
 from .batched import add_lora
+from .building import slot_factors
 from .cache import FactorCache
 from .routing import BatchRoute
 from .targeting import check_fits, layer_features
@@ -208,7 +207,7 @@ class VBLoRALinear(nn.Module):
         """Changes whenever a tensor ``adapter``'s factors in this layer are built from changes."""
         return source_key(self._sources(adapter))
 
-    def _build_factors(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def build_factors(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
         """A ``(r, in)`` and B ``(out, r)``, composed in at least float32 on the adapter's device."""
         sources = self._sources(adapter)
         if self.is_topk(adapter):
@@ -237,31 +236,10 @@ class VBLoRALinear(nn.Module):
         factor stacks, built there first if it is missing or stale.
         """
         if self._training_factors(adapter):
-            a, b = self._build_factors(adapter)
+            a, b = self.build_factors(adapter)
             return a.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype)
-        a, bt = self.slot_factors(adapter)
+        a, bt = slot_factors(self, adapter)
         return a.to(device=device, dtype=dtype), bt.T.to(device=device, dtype=dtype)
-
-    def slot_factors(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Views of A ``(r, in)`` and B transposed ``(r, out)`` in ``adapter``'s slot, built if stale."""
-        slot = self._cache.assign(adapter, keep=(adapter,))
-        self.refresh_slot(adapter, slot)
-        return self.factor_slots.views(slot, self.r[adapter])
-
-    def refresh_slot(self, adapter: str, slot: int) -> None:
-        """Build ``adapter``'s factors into ``slot`` unless the slot already holds them, current."""
-        self.check_slots()
-        key = (adapter, self.source_key(adapter))
-        if self.factor_slots.key(slot) == key:
-            return
-        with torch.inference_mode(False), torch.no_grad():
-            a, b = self._build_factors(adapter)
-            self.factor_slots.store(slot, a, b.T, key)
-
-    def check_slots(self) -> None:
-        """Forget every built slot if the stacks were moved or cast from outside (``model.to(...)``)."""
-        if self.factor_slots.check():
-            self._cache.forget_built()
 
     def clear_cache(self) -> None:
         """Forget this layer's built factors (they rebuild on the next forward)."""
@@ -275,7 +253,7 @@ class VBLoRALinear(nn.Module):
             ``(out, in)``, or ``(in, out)`` for ``Conv1D``, on the base weight's device.
         """
         with torch.no_grad():
-            a, b = self._build_factors(adapter)
+            a, b = self.build_factors(adapter)
         device = self.base_layer.weight.device
         return delta_weight(a.to(device), b.to(device), fan_in_fan_out=self.fan_in_fan_out)
 
@@ -336,11 +314,11 @@ class VBLoRALinear(nn.Module):
         if adapter in self.vblora_dropout:
             x = self.vblora_dropout[adapter](x)
         if self._training_factors(adapter):
-            a, b = self._build_factors(adapter)
+            a, b = self.build_factors(adapter)
             return result + F.linear(
                 F.linear(x, a.to(x.dtype)), b.to(x.dtype)
             )  # (.., in) -> (.., r) -> (.., out)
-        a, bt = self.slot_factors(adapter)
+        a, bt = slot_factors(self, adapter)
         if a.dtype != x.dtype:
             a, bt = a.to(x.dtype), bt.to(x.dtype)
         return result + F.linear(x, a) @ bt  # (..., in) -> (..., r) -> (..., out)
