@@ -276,6 +276,8 @@ class VBLoRAModel(PassThroughModel):
         Example:
             >>> model.push_to_hub("acme/my-adapter", to="packed")  # doctest: +SKIP
         """
+        # The engine's one import from the Hub beyond vblora_store.sources, made on call, so importing the
+        # engine loads no publisher, card or huggingface_hub (docs/architecture.md).
         from ..hub.publish import push_model
 
         return push_model(self, repo_id, to=to, **kwargs)
