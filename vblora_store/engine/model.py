@@ -4,11 +4,11 @@ As in PEFT, the model is two layers: this class (``PeftModel``'s role:
 adapters, files, the Hub, counting and status) around ``self.base_model``, a
 :class:`~vblora_store.engine.tuner.VBLoRATuner` (``BaseTuner``'s role: the
 adapters inside the model), around ``self.base_model.model``, the wrapped
-model.  Calls pass through to the wrapped model as its base class,
-:class:`~vblora_store.engine.passthrough.PassThroughModel`, defines them, and
-attributes neither defines come from the tuner, then the wrapped model, so
-``model.config``, ``model.peft_config`` and ``model.vblora_vector_bank`` all
-work; state-dict keys are PEFT's (``base_model.model.<module>...``).
+model.  The base class, :class:`~vblora_store.engine.passthrough.PassThroughModel`,
+passes calls through to the wrapped model; attributes neither defines come
+from the tuner, then the wrapped model, so ``model.config``,
+``model.peft_config`` and ``model.vblora_vector_bank`` all work; state-dict
+keys are PEFT's (``base_model.model.<module>...``).
 """
 
 from __future__ import annotations

@@ -89,6 +89,7 @@ class PassThroughModel(nn.Module):
             inner.enable_input_require_grads()
 
     def __getattr__(self, name: str) -> Any:
+        """An attribute this class lacks: the tuner's, else (through the tuner) the wrapped model's."""
         try:
             return super().__getattr__(name)
         except AttributeError:
