@@ -38,13 +38,13 @@ class RecordOps(TorchDispatchMode):
 
 def _count_builds(monkeypatch) -> list[str]:
     calls: list[str] = []
-    original = VBLoRALinear._build_factors
+    original = VBLoRALinear.build_factors
 
     def counting(self, adapter):
         calls.append(self.module_name)
         return original(self, adapter)
 
-    monkeypatch.setattr(VBLoRALinear, "_build_factors", counting)
+    monkeypatch.setattr(VBLoRALinear, "build_factors", counting)
     return calls
 
 
@@ -139,7 +139,7 @@ def test_a_failed_load_leaves_the_model_as_it_was(tmp_path, monkeypatch):
     def broken(*args):
         raise InvalidAdapterError("damaged")
 
-    monkeypatch.setattr("vblora_store.engine.tuner.load_other_tensors", broken)
+    monkeypatch.setattr("vblora_store.engine.injection.load_other_tensors", broken)
     with pytest.raises(InvalidAdapterError):
         model.load_adapter(folder, "other")
     assert {n: type(m) for n, m in model.named_modules()} == before

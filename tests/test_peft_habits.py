@@ -60,7 +60,7 @@ def test_peft_s_minus_inf_logits_are_read_everywhere(minus_inf_adapter, tmp_path
     ids=["nan", "plus-inf", "too-few-finite"],
 )
 def test_damaged_logits_are_still_refused(minus_inf_adapter, tmp_path, damage, message):
-    _, tmp = minus_inf_adapter
+    base, tmp = minus_inf_adapter
     folder = tmp_path / "full"
     folder.mkdir()
     (folder / "adapter_config.json").write_text((tmp / "full" / "adapter_config.json").read_text())
@@ -76,6 +76,8 @@ def test_damaged_logits_are_still_refused(minus_inf_adapter, tmp_path, damage, m
     assert snapshot(folder) == before and not (tmp_path / "out").exists()
     with pytest.raises(InvalidAdapterError, match=message):
         read_adapter(folder).check_values()
+    with pytest.raises(InvalidAdapterError, match=message):  # the -inf refusal reads through the checks too
+        VBLoRAModel.from_pretrained(copy.deepcopy(base), folder, is_trainable=True)
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o027])

@@ -20,6 +20,7 @@ __all__ = [
     "select_topk",
     "complete_weights",
     "compose",
+    "subvector_factors",
     "lora_factors",
     "delta_weight",
     "relative_error",
@@ -94,6 +95,29 @@ def compose(indices: torch.Tensor, weights: torch.Tensor, bank: torch.Tensor) ->
     return (weights.unsqueeze(-1) * vectors).sum(-2)  # (..., k, L) -> (..., L)
 
 
+def subvector_factors(sub_a: torch.Tensor, sub_b: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The dense factors of one module from its composed sub-vectors: the layout of A and B.
+
+    Args:
+        sub_a: Side A's sub-vectors, ``(r, in/L, L)``, or flat ``(r·in/L, L)`` row-major over ``(r, in/L)``.
+        sub_b: Side B's, ``(out/L, r, L)``, or flat ``(out/L·r, L)`` row-major over ``(out/L, r)``.
+        r: The rank.
+
+    Returns:
+        ``(A, B)`` with A ``(r, in)`` (each row its sub-vectors end to end)
+        and B ``(out, r)`` (each column its sub-vectors end to end).
+
+    Example:
+        >>> a, b = subvector_factors(torch.tensor([[1.0, 2.0], [3.0, 4.0]]), torch.tensor([[5.0, 6.0]]), 1)
+        >>> a.tolist(), b.tolist()
+        ([[1.0, 2.0, 3.0, 4.0]], [[5.0], [6.0]])
+    """
+    a = sub_a.reshape(r, -1)  # (r, in/L, L) or (r·in/L, L) -> (r, in)
+    b_sub = sub_b.reshape(-1, r, sub_b.shape[-1])  # (out/L·r, L) -> (out/L, r, L)
+    b = b_sub.transpose(1, 2).reshape(-1, r)  # (out/L, r, L) -> (out/L, L, r) -> (out, r)
+    return a, b
+
+
 def lora_factors(
     a_indices: torch.Tensor,
     a_weights: torch.Tensor,
@@ -111,11 +135,9 @@ def lora_factors(
     Returns:
         ``(A, B)`` with A ``(r, in)`` and B ``(out, r)``.
     """
-    r = a_indices.shape[0]
-    a = compose(a_indices, a_weights, bank).reshape(r, -1)  # (r, in/L, L) -> (r, in)
-    b_sub = compose(b_indices, b_weights, bank)  # (out/L, r, L)
-    b = b_sub.transpose(1, 2).reshape(-1, r)  # (out/L, r, L) -> (out/L, L, r) -> (out, r)
-    return a, b
+    sub_a = compose(a_indices, a_weights, bank)  # (r, in/L, k) -> (r, in/L, L)
+    sub_b = compose(b_indices, b_weights, bank)  # (out/L, r, k) -> (out/L, r, L)
+    return subvector_factors(sub_a, sub_b, a_indices.shape[0])
 
 
 def delta_weight(a: torch.Tensor, b: torch.Tensor, *, fan_in_fan_out: bool = False) -> torch.Tensor:

@@ -1,29 +1,37 @@
-"""Planning an adapter's injection: which layers, checked, before the model is touched.
+"""Injecting an adapter: planned and checked before the model is touched, then carried out.
 
 PEFT's rules: a task head is added to ``modules_to_save`` (``SEQ_CLS``, ...),
 ``fan_in_fan_out`` is corrected for ``Conv1D`` and ``Linear`` with a warning,
 every target's sizes must divide by ``vector_length``, and a stored adapter's
-modules must be exactly the model's targets.
+modules must be exactly the model's targets.  :func:`plan_targets` checks all
+of it; :func:`wrap_adapter` then wraps the planned layers and gives them the
+adapter, fresh or from its files (PEFT's ``inject_adapter`` and
+``_create_and_replace``).  :class:`~vblora_store.engine.tuner.VBLoRATuner`
+calls both, and undoes a half-done injection.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import warnings
-from enum import Enum
-from typing import Any, Optional
+from typing import Optional, Union
 
 import torch
-
 from torch import nn
 
 from ..config import VBLoRAConfig
-from ..errors import AdapterStateError, TargetingError
+from ..errors import TargetingError
+from ..factors import module_sides
+from ..format.keys import BANK_KEY
 from ..format.stored import StoredAdapter
+from ..storage_forms import StorageForm
 from .layer import VBLoRALinear
+from .state import load_other_tensors
 from .targeting import CLASSIFIER_HEADS, check_fits, conv1d_class, find_targets, layer_features
+from .topk_store import TopKSlice, TopKTensors
+from .trainable import ModulesToSave
 
-__all__ = ["prepared_config", "fan_in_fan_out", "plan_targets", "as_config", "refuse_dropped_logits"]
+__all__ = ["prepared_config", "fan_in_fan_out", "plan_targets", "wrap_adapter", "add_modules_to_save"]
 
 _WRAPPERS = (VBLoRALinear,)
 
@@ -75,26 +83,86 @@ def plan_targets(
     return plan
 
 
-def as_config(config: Any) -> VBLoRAConfig:
-    """A vblora_store config from ours or PEFT's ``VBLoRAConfig`` (``from_pretrained(config=...)``)."""
-    if config is None or isinstance(config, VBLoRAConfig):
-        return config
-    if not hasattr(config, "to_dict"):
-        raise AdapterStateError(f"config must be a VBLoRAConfig, got {type(config).__name__}.")
-    plain = {k: v.value if isinstance(v, Enum) else sorted(v) if isinstance(v, set) else v
-             for k, v in config.to_dict().items()}  # fmt: skip
-    return VBLoRAConfig.from_dict(plain, source=f"config ({type(config).__name__})")
+def wrap_adapter(
+    tuner,
+    adapter: str,
+    config: VBLoRAConfig,
+    stored: Optional[StoredAdapter],
+    plan,
+    *,
+    meta: bool,
+    device: Optional[Union[str, torch.device]],
+    autocast: bool,
+) -> None:
+    """Give ``adapter`` to every planned layer of ``tuner`` (a ``VBLoRATuner``), then its bank and copies.
+
+    Each planned layer is wrapped (or its wrapper reused) and gets the adapter:
+    fresh, drawn from the random generator in PEFT's order (the bank redrawn
+    for every module, the last draw kept; each module's logits after it), or
+    from ``stored`` through the checked reads, a top-k adapter's indices and
+    weights into one flat :class:`TopKTensors`.  Then the bank, the
+    ``modules_to_save`` copies and the other stored tensors (biases).  The
+    tuner removes what was added if this fails half-way.
+    """
+
+    def widen(
+        value: torch.Tensor,
+    ) -> torch.Tensor:  # half precision as float32, when asked (PEFT's autocast)
+        return value.float() if autocast and value.dtype in (torch.float16, torch.bfloat16) else value
+
+    tuner.peft_config[adapter] = config
+    tuner.storage_form[adapter] = StorageForm.FULL if stored is None else stored.form
+    n, length, bound = config.num_vectors, config.vector_length, config.init_vector_bank_bound
+    bank = torch.zeros(n, length, device="meta" if meta else "cpu")
+    topk_indices, topk_weights, start = [], [], 0
+    for name, base, fan in plan:
+        module = tuner.model.get_submodule(name)
+        if not isinstance(module, VBLoRALinear):
+            module = VBLoRALinear(
+                base, tuner.vblora_vector_bank, name=name, fan_in_fan_out=fan,
+                topk_store=tuner.vblora_topk, cache=tuner.factor_cache, route=tuner._route,
+            )  # fmt: skip
+            tuner._set_child(name, module)
+        target = base.weight.device if device is None else device
+        if stored is None:
+            if not meta:
+                bank.uniform_(-bound, bound)  # PEFT redraws the bank per module; the last draw is kept
+            module.add_full(adapter, config, device="meta" if meta else target)
+        elif stored.form.has_logits:
+            sides = module_sides(stored, name)  # the one door: checked reads
+            module.add_full(adapter, config, *[widen(sides[side][0]).to(target) for side in "AB"])
+        else:
+            sides = module_sides(stored, name)
+            (a_idx, a_w), (b_idx, b_w) = [(i, widen(w)) for i, w in (sides["A"], sides["B"])]
+            where = TopKSlice(start, tuple(a_idx.shape[:2]), tuple(b_idx.shape[:2]))
+            for part in (a_idx, b_idx):
+                topk_indices.append(part.reshape(-1, part.shape[-1]))  # (rows, cols, k) -> (slots, k)
+            for part in (a_w, b_w):
+                topk_weights.append(part.reshape(-1, part.shape[-1]))  # (rows, cols, k-1) -> (slots, k-1)
+            start = where.b_slots.stop
+            module.add_topk(adapter, config, where)
+        if name not in tuner.targeted_module_names:
+            tuner.targeted_module_names.append(name)
+    device = plan[0][1].weight.device if device is None else device
+    if stored is not None:
+        bank = widen(stored.checked_tensor(BANK_KEY))
+    if topk_indices:
+        tuner.vblora_topk[adapter] = TopKTensors(
+            torch.cat(topk_indices).to(device), torch.cat(topk_weights).to(device)
+        )
+    tuner.vblora_vector_bank[adapter] = nn.Parameter(bank if meta else bank.to(device))
+    add_modules_to_save(tuner, adapter, list(config.modules_to_save or []))
+    if stored is not None:
+        load_other_tensors(tuner.model, stored, adapter)
 
 
-def refuse_dropped_logits(stored: StoredAdapter) -> None:
-    """Refuse training from ``-inf`` logits (as PEFT's training does): the dropped ones can never come back."""
-    from ..format.keys import parse_key
-
-    for key in stored.specs:
-        parts = parse_key(key)
-        if parts is not None and parts.part == "logits" and bool(torch.isneginf(stored.tensor(key)).any()):
-            raise AdapterStateError(
-                f"{stored.folder}: tensor {key!r} holds -inf logits (PEFT's full save of an adapter loaded from "
-                "top-k form): the dropped logits can never re-enter the top-k, so it cannot be trained. Load it "
-                "with is_trainable=False, or train from the original full adapter."
-            )
+def add_modules_to_save(tuner, adapter: str, names: list[str]) -> None:
+    """Give ``adapter`` its own trainable copy of each module that ``names`` match (``modules_to_save``)."""
+    # PEFT's rule (``_set_trainable``): a plain suffix match, so "norm" also takes "input_layernorm".
+    for key, module in list(tuner.model.named_modules()):
+        if not key or not any(key.endswith(n) for n in names):
+            continue
+        if not isinstance(module, ModulesToSave):
+            module = ModulesToSave(module, name=key, route=tuner._route)
+            tuner._set_child(key, module)
+        module.add_adapter(adapter)

@@ -9,15 +9,13 @@ Each adapter of a layer is held in one of two forms:
   flat tensors on the model (so a thousand resident adapters are a few
   thousand tensors, not millions).
 
-Either way the dense factors A ``(r, in)`` and B ``(out, r)`` come from
-:func:`vblora_store.topk.lora_factors`.  Outside training they are built once
-into the adapter's slot of this layer's factor stacks (``factor_slots``,
-:mod:`.slots`: ``a`` ``(slots, R, in)``, ``bt`` ``(slots, R, out)``; :mod:`.cache` says which adapter
-has which slot) and reused; the slot remembers the version counters of every
-source tensor, so an optimizer step, a ``load_state_dict`` or any in-place edit
-rebuilds it on the next call, as does moving or casting the model.  An
-unmerged forward then costs a rank-r LoRA: ``x @ A.T @ B.T``; a mixed-adapter
-batch costs one :func:`~vblora_store.engine.batched.add_lora`.
+Either way the layer composes the dense factors A ``(r, in)`` and B ``(out, r)``
+(:meth:`VBLoRALinear.build_factors`, with :mod:`vblora_store.topk`).  Outside
+training they are built once into the adapter's slot of this layer's factor
+stacks (``factor_slots``, :mod:`.slots`: ``a`` ``(slots, R, in)``, ``bt``
+``(slots, R, out)``) and kept current there (:mod:`.building`).  An unmerged
+forward then costs a rank-r LoRA: ``x @ A.T @ B.T``; a mixed-adapter batch
+costs one :func:`~vblora_store.engine.batched.add_lora`.
 """
 
 from __future__ import annotations
@@ -30,8 +28,9 @@ from torch import nn
 
 from ..config import VBLoRAConfig
 from ..errors import AdapterStateError
-from ..topk import delta_weight, lora_factors, mix_weights
+from ..topk import delta_weight, lora_factors, mix_weights, subvector_factors
 from .batched import add_lora
+from .building import slot_factors
 from .cache import FactorCache
 from .routing import BatchRoute
 from .targeting import check_fits, layer_features
@@ -208,14 +207,14 @@ class VBLoRALinear(nn.Module):
         """Changes whenever a tensor ``adapter``'s factors in this layer are built from changes."""
         return source_key(self._sources(adapter))
 
-    def _build_factors(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def build_factors(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
         """A ``(r, in)`` and B ``(out, r)``, composed in at least float32 on the adapter's device."""
         sources = self._sources(adapter)
         if self.is_topk(adapter):
             where, held = self.topk_slices[adapter], self._topk_store[adapter]
             sub_a = held.subvectors(sources[0], where.a_slots.start, where.a_slots.stop)
             sub_b = held.subvectors(sources[0], where.b_slots.start, where.b_slots.stop)
-            return self.factors_from_subvectors(adapter, sub_a, sub_b)
+            return subvector_factors(sub_a, sub_b, self.r[adapter])
         device = sources[1].device
         compute = torch.promote_types(sources[0].dtype, torch.float32)
         bank = sources[0].to(device=device, dtype=compute)  # (N, L)
@@ -223,22 +222,6 @@ class VBLoRALinear(nn.Module):
         a_idx, a_w = mix_weights(sources[1].to(compute), k)  # (r, in/L, N) -> (r, in/L, k)
         b_idx, b_w = mix_weights(sources[2].to(compute), k)  # (out/L, r, N) -> (out/L, r, k)
         return lora_factors(a_idx, a_w, b_idx, b_w, bank)
-
-    def factors_from_subvectors(
-        self, adapter: str, sub_a: torch.Tensor, sub_b: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """A ``(r, in)`` and B ``(out, r)`` from this module's composed sub-vectors of a top-k adapter.
-
-        Args:
-            adapter: A top-k adapter of this layer.
-            sub_a: ``(r·in/L, L)`` side A's sub-vectors, row-major over ``(r, in/L)``.
-            sub_b: ``(out/L·r, L)`` side B's, row-major over ``(out/L, r)``.
-        """
-        r = self.r[adapter]
-        a = sub_a.reshape(r, self.in_features)  # (r·in/L, L) -> (r, in/L·L) = (r, in)
-        b_sub = sub_b.reshape(-1, r, sub_b.shape[-1])  # (out/L·r, L) -> (out/L, r, L)
-        b = b_sub.transpose(1, 2).reshape(self.out_features, r)  # -> (out/L, L, r) -> (out, r)
-        return a, b
 
     def _training_factors(self, adapter: str) -> bool:
         return torch.is_grad_enabled() and any(t.requires_grad for t in self._sources(adapter))
@@ -253,31 +236,10 @@ class VBLoRALinear(nn.Module):
         factor stacks, built there first if it is missing or stale.
         """
         if self._training_factors(adapter):
-            a, b = self._build_factors(adapter)
+            a, b = self.build_factors(adapter)
             return a.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype)
-        a, bt = self.slot_factors(adapter)
+        a, bt = slot_factors(self, adapter)
         return a.to(device=device, dtype=dtype), bt.T.to(device=device, dtype=dtype)
-
-    def slot_factors(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Views of A ``(r, in)`` and B transposed ``(r, out)`` in ``adapter``'s slot, built if stale."""
-        slot = self._cache.assign(adapter, keep=(adapter,))
-        self.refresh_slot(adapter, slot)
-        return self.factor_slots.views(slot, self.r[adapter])
-
-    def refresh_slot(self, adapter: str, slot: int) -> None:
-        """Build ``adapter``'s factors into ``slot`` unless the slot already holds them, current."""
-        self.check_slots()
-        key = (adapter, self.source_key(adapter))
-        if self.factor_slots.key(slot) == key:
-            return
-        with torch.inference_mode(False), torch.no_grad():
-            a, b = self._build_factors(adapter)
-            self.factor_slots.store(slot, a, b.T, key)
-
-    def check_slots(self) -> None:
-        """Forget every built slot if the stacks were moved or cast from outside (``model.to(...)``)."""
-        if self.factor_slots.check():
-            self._cache.forget_built()
 
     def clear_cache(self) -> None:
         """Forget this layer's built factors (they rebuild on the next forward)."""
@@ -291,7 +253,7 @@ class VBLoRALinear(nn.Module):
             ``(out, in)``, or ``(in, out)`` for ``Conv1D``, on the base weight's device.
         """
         with torch.no_grad():
-            a, b = self._build_factors(adapter)
+            a, b = self.build_factors(adapter)
         device = self.base_layer.weight.device
         return delta_weight(a.to(device), b.to(device), fan_in_fan_out=self.fan_in_fan_out)
 
@@ -352,11 +314,11 @@ class VBLoRALinear(nn.Module):
         if adapter in self.vblora_dropout:
             x = self.vblora_dropout[adapter](x)
         if self._training_factors(adapter):
-            a, b = self._build_factors(adapter)
+            a, b = self.build_factors(adapter)
             return result + F.linear(
                 F.linear(x, a.to(x.dtype)), b.to(x.dtype)
             )  # (.., in) -> (.., r) -> (.., out)
-        a, bt = self.slot_factors(adapter)
+        a, bt = slot_factors(self, adapter)
         if a.dtype != x.dtype:
             a, bt = a.to(x.dtype), bt.to(x.dtype)
         return result + F.linear(x, a) @ bt  # (..., in) -> (..., r) -> (..., out)

@@ -1,12 +1,14 @@
 """``VBLoRAModel``: VB-LoRA adapters on a torch or transformers model, with PEFT's ``PeftModel`` API.
 
-As in PEFT, the model is two layers: this class (``PeftModel``'s role: files,
-the Hub, calls, counting) around ``self.base_model``, a
+As in PEFT, the model is two layers: this class (``PeftModel``'s role:
+adapters, files, the Hub, counting and status) around ``self.base_model``, a
 :class:`~vblora_store.engine.tuner.VBLoRATuner` (``BaseTuner``'s role: the
 adapters inside the model), around ``self.base_model.model``, the wrapped
-model.  Attributes neither defines come from the tuner, then the wrapped model,
-so ``model.config``, ``model.peft_config`` and ``model.vblora_vector_bank`` all
-work; state-dict keys are PEFT's (``base_model.model.<module>...``).
+model.  The base class, :class:`~vblora_store.engine.passthrough.PassThroughModel`,
+passes calls through to the wrapped model; attributes neither defines come
+from the tuner, then the wrapped model, so ``model.config``,
+``model.peft_config`` and ``model.vblora_vector_bank`` all work; state-dict
+keys are PEFT's (``base_model.model.<module>...``).
 """
 
 from __future__ import annotations
@@ -19,12 +21,9 @@ import torch
 from torch import nn
 
 from ..config import VBLoRAConfig
-from ..errors import AdapterStateError
-from ..format import read_adapter
-from ..sources import resolve_source
+from .loading import as_config, load_adapter
+from .passthrough import PassThroughModel
 from .saving import save_model
-from .injection import as_config, refuse_dropped_logits
-from .serving import WrappedForward, call_routed
 from .state import savable_parameter_counts
 from .status import LayerStatus, ModelStatus, layer_status, model_status
 from .tuner import VBLoRATuner
@@ -32,7 +31,7 @@ from .tuner import VBLoRATuner
 __all__ = ["VBLoRAModel"]
 
 
-class VBLoRAModel(nn.Module):
+class VBLoRAModel(PassThroughModel):
     """A model with VB-LoRA adapters; PEFT's ``PeftModel`` API for VB-LoRA.
 
     Args:
@@ -62,8 +61,7 @@ class VBLoRAModel(nn.Module):
         *,
         max_cached_factors: Optional[int] = None,
     ):
-        super().__init__()
-        self.base_model = VBLoRATuner(model, max_cached_factors=max_cached_factors)
+        super().__init__(VBLoRATuner(model, max_cached_factors=max_cached_factors))
         self.add_adapter(adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage)
 
     @classmethod
@@ -113,8 +111,7 @@ class VBLoRAModel(nn.Module):
             ('default', 'full')
         """
         self = cls.__new__(cls)
-        nn.Module.__init__(self)
-        self.base_model = VBLoRATuner(model, max_cached_factors=max_cached_factors)
+        PassThroughModel.__init__(self, VBLoRATuner(model, max_cached_factors=max_cached_factors))
         self.load_adapter(
             model_id, adapter_name, is_trainable=is_trainable, torch_device=torch_device,
             autocast_adapter_dtype=autocast_adapter_dtype, low_cpu_mem_usage=low_cpu_mem_usage,
@@ -171,23 +168,11 @@ class VBLoRAModel(nn.Module):
         Raises:
             AdapterStateError: ``is_trainable`` with a top-k adapter, or the name is taken.
         """
-        tuner = self.base_model
-        folder = resolve_source(model_id, revision=revision, subfolder=subfolder, nested=False)
-        stored = read_adapter(folder, name=adapter_name, config=as_config(config))
-        if is_trainable and not stored.form.has_logits:
-            raise AdapterStateError(
-                f"{stored.folder}: the adapter is stored in {stored.form.value} form, which keeps the "
-                "top-k weights but not the logits, so it cannot be trained. Load it with "
-                "is_trainable=False, or train from the full-form adapter."
-            )
-        if is_trainable and stored.form.has_logits:
-            refuse_dropped_logits(stored)
-        if adapter_name in tuner._placeholders:
-            tuner.forget(adapter_name)
-        tuner.inject(
-            adapter_name, stored.config, stored, device=torch_device, autocast=autocast_adapter_dtype
-        )
-        tuner.set_trainable(adapter_name, is_trainable)
+        load_adapter(
+            self.base_model, model_id, adapter_name, is_trainable=is_trainable, torch_device=torch_device,
+            autocast_adapter_dtype=autocast_adapter_dtype, revision=revision, subfolder=subfolder,
+            config=config,
+        )  # fmt: skip
         if not is_trainable:
             self.eval()
 
@@ -291,6 +276,8 @@ class VBLoRAModel(nn.Module):
         Example:
             >>> model.push_to_hub("acme/my-adapter", to="packed")  # doctest: +SKIP
         """
+        # The engine's one import from the Hub beyond vblora_store.sources, made on call, so importing the
+        # engine loads no publisher, card or huggingface_hub (docs/architecture.md).
         from ..hub.publish import push_model
 
         return push_model(self, repo_id, to=to, **kwargs)
@@ -335,69 +322,3 @@ class VBLoRAModel(nn.Module):
     def get_model_status(self) -> ModelStatus:
         """The model as a whole, ``"irregular"`` where its layers disagree (PEFT's ``get_model_status``)."""
         return model_status(self, self.base_model)
-
-    # -- calls ----------------------------------------------------------------------------------
-
-    def get_base_model(self) -> nn.Module:
-        """The wrapped model (with its layers wrapped)."""
-        return self.base_model.model
-
-    forward = WrappedForward()
-
-    def _forward(self, *args: Any, adapter_names: Optional[list[str]] = None, **kwargs: Any) -> Any:
-        """The wrapped model's forward; with ``adapter_names``, each row through its own adapter.
-
-        Args:
-            adapter_names: One adapter name per row of the batch (``"__base__"``:
-                no adapter), as PEFT LoRA's mixed-adapter batches; every other
-                argument goes to the wrapped model untouched.
-
-        Raises:
-            AdapterNamesError: an unknown name, a list whose length is not the
-                batch size, merged adapters, or training mode with gradients on.
-        """
-        return call_routed(self.base_model, self.base_model.model, args, kwargs, adapter_names)
-
-    def generate(self, *args: Any, adapter_names: Optional[list[str]] = None, **kwargs: Any) -> Any:
-        """The wrapped model's ``generate``; ``adapter_names`` gives each row of the batch its own adapter.
-
-        Each prompt keeps its adapter across beams and returned sequences.
-
-        Example:
-            >>> model.generate(ids, adapter_names=["default", "__base__"], max_new_tokens=2).shape
-            torch.Size([2, 7])
-        """
-        return call_routed(
-            self.base_model, self.base_model.model.generate, args, kwargs, adapter_names, generating=True
-        )
-
-    @property
-    def max_cached_factors(self) -> Optional[int]:
-        """Most adapters whose dense factors are kept built at once (``None``: no bound).
-
-        Setting it lower evicts the least recently used ones now.
-        """
-        return self.base_model.factor_cache.capacity
-
-    @max_cached_factors.setter
-    def max_cached_factors(self, value: Optional[int]) -> None:
-        self.base_model.factor_cache.capacity = value
-
-    def gradient_checkpointing_enable(self, **kwargs: Any) -> None:
-        """Enable the wrapped model's gradient checkpointing, keeping inputs differentiable.
-
-        With a frozen embedding the checkpointed blocks would see no input
-        requiring gradients; like PEFT, input gradients are switched on.
-        """
-        inner = self.base_model.model
-        inner.gradient_checkpointing_enable(**kwargs)
-        if hasattr(inner, "enable_input_require_grads"):
-            inner.enable_input_require_grads()
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base_model":
-                raise
-            return getattr(self.base_model, name)

@@ -1,12 +1,13 @@
-"""Serving many adapters from one model: mixed-adapter calls and the factors they need.
+"""Serving many adapters from one model: mixed-adapter calls, each row routed to its adapter.
 
 ``VBLoRAModel.forward(..., adapter_names=[...])`` and ``generate(...,
 adapter_names=[...])`` come here (PEFT LoRA's API: one adapter name per row,
 ``"__base__"`` for none).  :func:`routing` checks the names against the model
-and the batch, builds the factors of every adapter the batch names into its
-cache slot (one batched composition per top-k adapter, checked against the
-version counters of its three source tensors, so a warm cache costs a few
-dictionary look-ups per adapter), and opens the model's
+and the batch, has the factors of every adapter the batch names built into its
+cache slot (:func:`~vblora_store.engine.building.prepare_factors`: one batched
+composition per top-k adapter, checked against the version counters of its
+three source tensors, so a warm cache costs a few dictionary look-ups per
+adapter), and opens the model's
 :class:`~vblora_store.engine.routing.BatchRoute` for the call; every adapter
 layer then runs the whole batch in one :func:`~vblora_store.engine.batched.add_lora`,
 with no loop over adapters.
@@ -26,13 +27,12 @@ import torch
 
 from ..errors import AdapterNamesError
 from .batched import load_kernels
-from .slots import source_key
+from .building import check_slots, prepare_factors
 from .routing import BASE_ADAPTER, check_adapter_names
 
 __all__ = [
     "batch_rows",
     "generate_multiples",
-    "prepare_factors",
     "open_route",
     "close_route",
     "routing",
@@ -66,57 +66,6 @@ def generate_multiples(model: torch.nn.Module, kwargs: dict[str, Any]) -> tuple[
         if isinstance(value, int) and value > 1:
             multiples.add(value)
     return tuple(sorted(multiples))
-
-
-def _source_key(model, adapter: str) -> tuple:
-    """Changes whenever a tensor that ``adapter``'s factors are built from changes.
-
-    Three tensors for a top-k adapter (bank, indices, weights); the bank and
-    every layer's logits for a full one.
-    """
-    bank = model.vblora_vector_bank[adapter]
-    if adapter in model.vblora_topk:
-        held = model.vblora_topk[adapter]
-        return source_key((bank, held.indices, held.weights))
-    layers = [layer for layer in model.factor_cache.layers if adapter in layer.r]
-    return tuple(layer.source_key(adapter) for layer in layers)
-
-
-def prepare_factors(model, adapter: str, *, keep: Sequence[str] = ()) -> int:
-    """The cache slot of ``adapter``, its factors built there in every layer if missing or stale.
-
-    A top-k adapter's sub-vectors are composed for all its modules at once
-    (one gather over the bank), then cut into each layer's A and B.
-
-    Args:
-        model: The ``VBLoRAModel``.
-        adapter: One of its adapters.
-        keep: The other adapters of the batch, never evicted to make room.
-
-    Returns:
-        The slot.
-    """
-    cache = model.factor_cache
-    slot = cache.assign(adapter, keep=keep)
-    key = _source_key(model, adapter)
-    if cache.is_built(adapter, key):
-        return slot
-    layers = [layer for layer in cache.layers if adapter in layer.r]
-    if adapter in model.vblora_topk:
-        held, bank = model.vblora_topk[adapter], model.vblora_vector_bank[adapter]
-        with torch.inference_mode(False), torch.no_grad():
-            subvectors = held.subvectors(bank)  # (S, L), every slot of every module
-            for layer in layers:
-                where = layer.topk_slices[adapter]
-                a, b = layer.factors_from_subvectors(
-                    adapter, subvectors[where.a_slots], subvectors[where.b_slots]
-                )
-                layer.factor_slots.store(slot, a, b.T, (adapter, layer.source_key(adapter)))
-    else:
-        for layer in layers:
-            layer.refresh_slot(adapter, slot)
-    cache.mark_built(adapter, key)
-    return slot
 
 
 def _refuse_state(model, mixed: bool) -> None:
@@ -178,7 +127,7 @@ def open_route(
             f"{capacity}; raise max_cached_factors or split the batch."
         )
     for layer in model.factor_cache.layers:
-        layer.check_slots()
+        check_slots(layer)
     slot_of = {BASE_ADAPTER: 0}
     for name in distinct:
         slot_of[name] = prepare_factors(model, name, keep=distinct)

@@ -2,8 +2,9 @@
 
 It owns the wrapped model (``self.model``), each adapter's vector bank
 (``vblora_vector_bank``) and flat top-k tensors (``vblora_topk``), the factor
-cache and the batch route; it injects adapters into the targeted layers,
-switches, merges and removes them.  It reads no file: :class:`~vblora_store.engine.model.VBLoRAModel`
+cache and the batch route; it injects adapters into the targeted layers
+(planned, checked and carried out by :mod:`.injection`), switches, merges and
+removes them.  It reads no file: :class:`~vblora_store.engine.model.VBLoRAModel`
 (PEFT's ``PeftModel`` role) does that and calls it, as ``model.base_model``, so
 ``model.base_model.model`` is the transformers model, as in PEFT.
 """
@@ -18,16 +19,13 @@ from torch import nn
 
 from ..config import VBLoRAConfig
 from ..errors import AdapterStateError
-from ..factors import module_sides
-from ..format.keys import BANK_KEY
 from ..storage_forms import StorageForm
 from ..format.stored import StoredAdapter
 from .cache import FactorCache
+from .injection import plan_targets, prepared_config, wrap_adapter
 from .layer import VBLoRALinear
-from .topk_store import TopKSlice, TopKTensors
 from .routing import BatchRoute
-from .state import adapter_layers, load_other_tensors, other_parameters
-from .injection import plan_targets, prepared_config
+from .state import adapter_layers, other_parameters
 from .trainable import ModulesToSave
 
 __all__ = ["VBLoRATuner"]
@@ -102,91 +100,19 @@ class VBLoRATuner(nn.Module):
             raise AdapterStateError(f"adapter name {adapter!r} is empty or has a '.'; pick a plain name.")
         config = prepared_config(config)
         plan = plan_targets(self.model, config, stored)
+        placeholder = meta and stored is None  # a fresh adapter on "meta", awaiting load_adapter
         try:
-            self._wrap(
-                adapter, config, stored, plan, meta=meta and stored is None, device=device, autocast=autocast
+            wrap_adapter(
+                self, adapter, config, stored, plan, meta=placeholder, device=device, autocast=autocast
             )
+            self._activate(self.active_adapter or adapter)
         except BaseException:
             self.forget(adapter)
             raise
-        if meta and stored is None:
+        if placeholder:
             self._placeholders.add(adapter)
         if self.active_adapter is None:
             self.active_adapter = adapter
-
-    def _wrap(
-        self,
-        adapter: str,
-        config: VBLoRAConfig,
-        stored: Optional[StoredAdapter],
-        plan,
-        *,
-        meta: bool,
-        device: Optional[Union[str, torch.device]],
-        autocast: bool,
-    ) -> None:
-        """Add ``adapter`` to every planned layer, its bank, its ``modules_to_save`` copies."""
-
-        def widen(
-            value: torch.Tensor,
-        ) -> torch.Tensor:  # half precision as float32, when asked (PEFT's autocast)
-            return value.float() if autocast and value.dtype in (torch.float16, torch.bfloat16) else value
-
-        self.peft_config[adapter] = config
-        self.storage_form[adapter] = StorageForm.FULL if stored is None else stored.form
-        n, length, bound = config.num_vectors, config.vector_length, config.init_vector_bank_bound
-        bank = torch.zeros(n, length, device="meta" if meta else "cpu")
-        topk_indices, topk_weights, start = [], [], 0
-        for name, base, fan in plan:
-            module = self.model.get_submodule(name)
-            if not isinstance(module, VBLoRALinear):
-                module = VBLoRALinear(
-                    base, self.vblora_vector_bank, name=name, fan_in_fan_out=fan,
-                    topk_store=self.vblora_topk, cache=self.factor_cache, route=self._route,
-                )  # fmt: skip
-                self._set_child(name, module)
-            target = base.weight.device if device is None else device
-            if stored is None:
-                if not meta:
-                    bank.uniform_(-bound, bound)  # PEFT redraws the bank per module; the last draw is kept
-                module.add_full(adapter, config, device="meta" if meta else target)
-            elif stored.form.has_logits:
-                sides = module_sides(stored, name)  # the one door: checked reads
-                module.add_full(adapter, config, *[widen(sides[side][0]).to(target) for side in "AB"])
-            else:
-                sides = module_sides(stored, name)
-                (a_idx, a_w), (b_idx, b_w) = [(i, widen(w)) for i, w in (sides["A"], sides["B"])]
-                where = TopKSlice(start, tuple(a_idx.shape[:2]), tuple(b_idx.shape[:2]))
-                for part in (a_idx, b_idx):
-                    topk_indices.append(part.reshape(-1, part.shape[-1]))  # (rows, cols, k) -> (slots, k)
-                for part in (a_w, b_w):
-                    topk_weights.append(part.reshape(-1, part.shape[-1]))  # (rows, cols, k-1) -> (slots, k-1)
-                start = where.b_slots.stop
-                module.add_topk(adapter, config, where)
-            if name not in self.targeted_module_names:
-                self.targeted_module_names.append(name)
-        device = plan[0][1].weight.device if device is None else device
-        if stored is not None:
-            bank = widen(stored.checked_tensor(BANK_KEY))
-        if topk_indices:
-            self.vblora_topk[adapter] = TopKTensors(
-                torch.cat(topk_indices).to(device), torch.cat(topk_weights).to(device)
-            )
-        self.vblora_vector_bank[adapter] = nn.Parameter(bank if meta else bank.to(device))
-        self._add_modules_to_save(adapter, list(config.modules_to_save or []))
-        if stored is not None:
-            load_other_tensors(self.model, stored, adapter)
-        self._activate(self.active_adapter or adapter)
-
-    def _add_modules_to_save(self, adapter: str, names: list[str]) -> None:
-        # PEFT's rule (``_set_trainable``): a plain suffix match, so "norm" also takes "input_layernorm".
-        for key, module in list(self.model.named_modules()):
-            if not key or not any(key.endswith(n) for n in names):
-                continue
-            if not isinstance(module, ModulesToSave):
-                module = ModulesToSave(module, name=key, route=self._route)
-                self._set_child(key, module)
-            module.add_adapter(adapter)
 
     def _set_child(self, name: str, module: nn.Module) -> None:
         """Put ``module`` at ``name`` in the wrapped model."""

@@ -1,8 +1,10 @@
 """The Hugging Face Hub in three rooms: :mod:`vblora_store.sources` (resolve and download), :mod:`.card`, :mod:`.publish`.
 
 The engine and every reader of adapters depend on the sources alone (a room
-below the format layer); the card and the publisher sit above it.  The names
-here are imported on first use.
+below the format layer); the card and the publisher sit above it.  The one
+exception is ``VBLoRAModel.push_to_hub``: it imports
+:func:`.publish.push_model` (save, then :func:`.publish.push`) when it is
+called, never at import.  The names here are imported on first use.
 """
 
 from __future__ import annotations

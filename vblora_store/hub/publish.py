@@ -108,6 +108,10 @@ def push(
 def push_model(model, repo_id: str, *, to: Optional[str] = None, **kwargs) -> str:
     """Save ``model``'s adapters as ``save_pretrained`` does, in a temporary folder, then :func:`push` them.
 
+    The engine's one way to the publisher: ``VBLoRAModel.push_to_hub`` calls
+    this, importing it on call, and this needs nothing of the engine but
+    ``model.save_pretrained``, so neither imports the other at import time.
+
     Raises:
         TypeError: an argument neither ``save_pretrained`` nor :func:`push` takes.
     """

@@ -1,0 +1,88 @@
+"""Loading an adapter's files into a model: the work of ``from_pretrained`` and ``load_adapter``.
+
+The counterpart of :mod:`.saving`.  The source is resolved (a folder, or a Hub
+repo id: :func:`~vblora_store.sources.resolve_source`), the files are read and
+checked (:func:`~vblora_store.format.read_adapter`), an adapter that cannot be
+trained is refused before the model changes, and the tuner injects it.  A
+config given by the caller may be ours or PEFT's (:func:`as_config`).
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+
+from ..config import VBLoRAConfig
+from ..errors import AdapterStateError
+from ..format import read_adapter
+from ..format.keys import parse_key
+from ..format.stored import StoredAdapter
+from ..sources import resolve_source
+
+__all__ = ["as_config", "refuse_dropped_logits", "load_adapter"]
+
+
+def as_config(config: Any) -> VBLoRAConfig:
+    """A vblora_store config from ours or PEFT's ``VBLoRAConfig`` (``from_pretrained(config=...)``)."""
+    if config is None or isinstance(config, VBLoRAConfig):
+        return config
+    if not hasattr(config, "to_dict"):
+        raise AdapterStateError(f"config must be a VBLoRAConfig, got {type(config).__name__}.")
+    plain = {k: v.value if isinstance(v, Enum) else sorted(v) if isinstance(v, set) else v
+             for k, v in config.to_dict().items()}  # fmt: skip
+    return VBLoRAConfig.from_dict(plain, source=f"config ({type(config).__name__})")
+
+
+def refuse_dropped_logits(stored: StoredAdapter) -> None:
+    """Refuse training from ``-inf`` logits (as PEFT's training does): the dropped ones can never come back.
+
+    Each logits tensor is read through the value checks, as every other read of
+    an adapter is: a damaged one raises :class:`~vblora_store.errors.InvalidAdapterError`.
+    """
+    for key in stored.specs:
+        parts = parse_key(key)
+        if parts is None or parts.part != "logits":
+            continue
+        if bool(torch.isneginf(stored.checked_tensor(key)).any()):
+            raise AdapterStateError(
+                f"{stored.folder}: tensor {key!r} holds -inf logits (PEFT's full save of an adapter loaded from "
+                "top-k form): the dropped logits can never re-enter the top-k, so it cannot be trained. Load it "
+                "with is_trainable=False, or train from the original full adapter."
+            )
+
+
+def load_adapter(
+    tuner,
+    model_id: Union[str, Path],
+    adapter_name: str,
+    *,
+    is_trainable: bool,
+    torch_device: Optional[Union[str, torch.device]],
+    autocast_adapter_dtype: bool,
+    revision: Optional[str],
+    subfolder: Optional[str],
+    config: Optional[VBLoRAConfig],
+) -> None:
+    """Read the adapter saved at ``model_id``; inject it into ``tuner`` (a ``VBLoRATuner``).
+
+    Raises:
+        AdapterStateError: ``is_trainable`` with a top-k adapter or ``-inf``
+            logits, or the name is taken.
+    """
+    folder = resolve_source(model_id, revision=revision, subfolder=subfolder, nested=False)
+    stored = read_adapter(folder, name=adapter_name, config=as_config(config))
+    if is_trainable and not stored.form.has_logits:
+        raise AdapterStateError(
+            f"{stored.folder}: the adapter is stored in {stored.form.value} form, which keeps the "
+            "top-k weights but not the logits, so it cannot be trained. Load it with "
+            "is_trainable=False, or train from the full-form adapter."
+        )
+    if is_trainable and stored.form.has_logits:
+        refuse_dropped_logits(stored)
+    if adapter_name in tuner._placeholders:
+        tuner.forget(adapter_name)
+    tuner.inject(adapter_name, stored.config, stored, device=torch_device, autocast=autocast_adapter_dtype)
+    tuner.set_trainable(adapter_name, is_trainable)
