@@ -227,8 +227,6 @@ def test_from_pretrained_config_autocast_and_torch_device(tmp_path):
     )
     assert ours.vblora_vector_bank["default"].dtype == torch.float32  # autocast_adapter_dtype=True
     assert ours.vblora_topk["default"].weights.dtype == torch.float32
-    kept = VBLoRAModel.from_pretrained(copy.deepcopy(base), tmp_path / "a", autocast_adapter_dtype=False)
-    assert kept.vblora_vector_bank["default"].dtype == torch.bfloat16
     # PEFT cannot load a bf16 top-k file (its scatter of the logits fails): give it the same values in fp32.
     (tmp_path / "a32").mkdir()
     (tmp_path / "a32" / "adapter_config.json").write_text(
@@ -241,6 +239,57 @@ def test_from_pretrained_config_autocast_and_torch_device(tmp_path):
     )
     ours.load_adapter(tmp_path / "a", "again", torch_device="cpu")
     assert ours.vblora_topk["again"].indices.device.type == "cpu"
+    with pytest.raises(RuntimeError, match="device"):
+        ours.load_adapter(tmp_path / "a", "bad", torch_device="no-such-device")
     wrong = VBLoRAConfig(**{**BASE_KWARGS, "num_vectors": 31, "target_modules": TARGETS})
     with pytest.raises(InvalidAdapterError, match="num_vectors=31"):
         VBLoRAModel.from_pretrained(copy.deepcopy(base), tmp_path / "a", config=wrong)
+
+
+@pytest.mark.parametrize(
+    "model_dtype, file_dtype", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)], ids=str
+)
+@pytest.mark.parametrize("autocast", [True, False])
+def test_autocast_adapter_dtype_gives_peft_s_dtypes(tmp_path, model_dtype, file_dtype, autocast):
+    """On, half precision is widened to float32; off, the adapter takes its layer's dtype: as PEFT does."""
+    peft_model(tiny_llama(), target_modules=TARGETS).save_pretrained(tmp_path / "a")
+    weights = tmp_path / "a" / "adapter_model.safetensors"
+    save_file({k: v.to(file_dtype) for k, v in load_file(str(weights)).items()}, str(weights))
+    base = tiny_llama(dtype=model_dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.PeftModel.from_pretrained(
+            copy.deepcopy(base), tmp_path / "a", autocast_adapter_dtype=autocast
+        )
+    ours = VBLoRAModel.from_pretrained(copy.deepcopy(base), tmp_path / "a", autocast_adapter_dtype=autocast)
+    layer = "model.layers.0.self_attn.q_proj"
+    for model in (theirs, ours):
+        model.dtypes = (
+            model.base_model.vblora_vector_bank["default"].dtype,
+            model.base_model.model.get_submodule(layer).vblora_logits_A["default"].dtype,
+        )
+    assert ours.dtypes == theirs.dtypes
+
+
+def test_torch_device_reads_there_but_the_adapter_stays_beside_its_layer(tmp_path):
+    """PEFT's ``torch_device`` is where the file is read to: a ``"meta"`` read still gives a real adapter."""
+    base = tiny_llama()
+    peft_model(base, target_modules=TARGETS, save_only_topk_weights=True).save_pretrained(tmp_path / "a")
+    ours = VBLoRAModel.from_pretrained(copy.deepcopy(base), tmp_path / "a", torch_device="meta")
+    assert ours.vblora_vector_bank["default"].device.type == "cpu"
+    assert torch.allclose(logits(ours, inputs()), logits(peft_load(base, tmp_path / "a"), inputs()), atol=1e-5)
+
+
+def test_safe_merge_of_a_broken_adapter_raises_value_error_like_peft(tmp_path):
+    from vblora_store.errors import UnsafeMergeError
+
+    base = tiny_llama()
+    peft_model(base, target_modules=TARGETS).save_pretrained(tmp_path / "a")
+    ours = VBLoRAModel.from_pretrained(copy.deepcopy(base), tmp_path / "a")
+    with torch.no_grad():
+        ours.vblora_vector_bank["default"].fill_(float("inf"))
+    before = ours.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight.clone()
+    with pytest.raises(ValueError, match="NaN or infinite") as raised:
+        ours.merge_and_unload(safe_merge=True)
+    assert isinstance(raised.value, UnsafeMergeError)
+    assert torch.equal(ours.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight, before)

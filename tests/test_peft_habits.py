@@ -448,6 +448,28 @@ def test_training_from_dropped_logits_is_refused_like_peft(minus_inf_adapter):
     VBLoRAModel.from_pretrained(copy.deepcopy(base), tmp / "full")  # inference: fine
 
 
+def test_a_training_step_on_dropped_logits_is_refused_however_they_became_trainable(minus_inf_adapter):
+    """Loaded for inference, then given gradients (``set_requires_grad``): PEFT's training forward refuses
+    the -inf logits, and so does ours, before any gradient flows."""
+    from vblora_store.errors import AdapterStateError
+
+    base, tmp = minus_inf_adapter
+    ours = VBLoRAModel.from_pretrained(copy.deepcopy(base), tmp / "full")
+    theirs = peft_load(base, tmp / "full")
+    for model in (ours, theirs):
+        for name, param in model.named_parameters():
+            param.requires_grad = "vblora_logits" in name
+        model.train()
+    with pytest.raises(RuntimeError, match="infinity"):
+        theirs(input_ids=inputs()).logits.sum().backward()
+    ours.set_requires_grad("default", True)
+    with pytest.raises(AdapterStateError, match="-inf logits.*cannot be trained"):
+        ours(input_ids=inputs()).logits.sum().backward()
+    ours.eval()
+    with torch.no_grad():  # and inference still runs
+        assert torch.allclose(logits(ours, inputs()), logits(theirs.eval(), inputs()), atol=1e-5)
+
+
 def test_engine_saves_get_the_umask_s_modes(tmp_path):
     import os
     import stat

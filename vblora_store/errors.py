@@ -24,6 +24,7 @@ __all__ = [
     "DestinationExistsError",
     "TargetingError",
     "AdapterStateError",
+    "UnsafeMergeError",
     "AdapterNamesError",
     "CheckpointNotFoundError",
     "InvalidCheckpointError",
@@ -66,6 +67,10 @@ class TargetingError(VBLoRAStoreError, ValueError):
 
 class AdapterStateError(VBLoRAStoreError, RuntimeError):
     """An operation that the adapter's current state does not allow."""
+
+
+class UnsafeMergeError(AdapterStateError, ValueError):
+    """``safe_merge`` found NaN or infinite merged weights (a ``ValueError`` too, as PEFT raises)."""
 
 
 class AdapterNamesError(VBLoRAStoreError, ValueError):

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 from torch import nn
@@ -91,7 +91,6 @@ def wrap_adapter(
     plan,
     *,
     meta: bool,
-    device: Optional[Union[str, torch.device]],
     autocast: bool,
 ) -> None:
     """Give ``adapter`` to every planned layer of ``tuner`` (a ``VBLoRATuner``), then its bank and copies.
@@ -105,10 +104,13 @@ def wrap_adapter(
     tuner removes what was added if this fails half-way.
     """
 
-    def widen(
-        value: torch.Tensor,
-    ) -> torch.Tensor:  # half precision as float32, when asked (PEFT's autocast)
-        return value.float() if autocast and value.dtype in (torch.float16, torch.bfloat16) else value
+    def widen(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """PEFT's ``autocast_adapter_dtype``: on, half precision becomes float32; off, the layer's dtype."""
+        if not value.is_floating_point():
+            return value
+        if autocast:
+            return value.float() if value.dtype in (torch.float16, torch.bfloat16) else value
+        return value.to(like.dtype)
 
     tuner.peft_config[adapter] = config
     tuner.storage_form[adapter] = StorageForm.FULL if stored is None else stored.form
@@ -123,17 +125,17 @@ def wrap_adapter(
                 topk_store=tuner.vblora_topk, cache=tuner.factor_cache, route=tuner._route,
             )  # fmt: skip
             tuner._set_child(name, module)
-        target = base.weight.device if device is None else device
+        target = base.weight.device  # beside its layer, wherever the file was read (PEFT's torch_device)
         if stored is None:
             if not meta:
                 bank.uniform_(-bound, bound)  # PEFT redraws the bank per module; the last draw is kept
             module.add_full(adapter, config, device="meta" if meta else target)
         elif stored.form.has_logits:
             sides = module_sides(stored, name)  # the one door: checked reads
-            module.add_full(adapter, config, *[widen(sides[side][0]).to(target) for side in "AB"])
+            module.add_full(adapter, config, *[widen(sides[side][0], base.weight).to(target) for side in "AB"])
         else:
             sides = module_sides(stored, name)
-            (a_idx, a_w), (b_idx, b_w) = [(i, widen(w)) for i, w in (sides["A"], sides["B"])]
+            (a_idx, a_w), (b_idx, b_w) = [(i, widen(w, base.weight)) for i, w in (sides["A"], sides["B"])]
             where = TopKSlice(start, tuple(a_idx.shape[:2]), tuple(b_idx.shape[:2]))
             for part in (a_idx, b_idx):
                 topk_indices.append(part.reshape(-1, part.shape[-1]))  # (rows, cols, k) -> (slots, k)
@@ -143,9 +145,10 @@ def wrap_adapter(
             module.add_topk(adapter, config, where)
         if name not in tuner.targeted_module_names:
             tuner.targeted_module_names.append(name)
-    device = plan[0][1].weight.device if device is None else device
+    first = plan[0][1].weight
+    device = first.device
     if stored is not None:
-        bank = widen(stored.checked_tensor(BANK_KEY))
+        bank = widen(stored.checked_tensor(BANK_KEY), first)
     if topk_indices:
         tuner.vblora_topk[adapter] = TopKTensors(
             torch.cat(topk_indices).to(device), torch.cat(topk_weights).to(device)

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import VBLoRAConfig
-from ..errors import AdapterStateError
+from ..errors import AdapterStateError, UnsafeMergeError
 from ..topk import delta_weight, lora_factors, mix_weights, subvector_factors
 from .batched import add_lora
 from .building import slot_factors
@@ -226,6 +226,16 @@ class VBLoRALinear(nn.Module):
     def _training_factors(self, adapter: str) -> bool:
         return torch.is_grad_enabled() and any(t.requires_grad for t in self._sources(adapter))
 
+    def _refuse_dropped_logits(self, adapter: str) -> None:
+        """Refuse a training step on ``-inf`` logits (PEFT's full save of a top-k adapter), as PEFT's training does."""
+        logits = (self.vblora_logits_A[adapter], self.vblora_logits_B[adapter])
+        if any(bool(torch.isneginf(side).any()) for side in logits):
+            raise AdapterStateError(
+                f"module {self.module_name!r}: adapter {adapter!r} holds -inf logits (PEFT's full save of an "
+                "adapter loaded from top-k form): the dropped logits can never re-enter the top-k, so it cannot "
+                "be trained. Call model.eval() for inference, or train from the original full adapter."
+            )
+
     def factors(
         self, adapter: str, device: torch.device, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -263,8 +273,8 @@ class VBLoRALinear(nn.Module):
         """Add ``adapter``'s ``ΔW`` to the base weight (the sum is computed in float32 or wider).
 
         Raises:
-            AdapterStateError: ``safe_merge`` found NaN or infinite values; the
-                base weight is left unchanged.
+            UnsafeMergeError: ``safe_merge`` found NaN or infinite values (a
+                ``ValueError``, as in PEFT); the base weight is left unchanged.
         """
         if adapter in self.merged_adapters:
             return
@@ -275,7 +285,7 @@ class VBLoRALinear(nn.Module):
                 merged = weight.data.clone()
                 merged.add_(delta)  # computed in the promoted dtype, stored in the weight's
                 if not bool(torch.isfinite(merged).all()):
-                    raise AdapterStateError(
+                    raise UnsafeMergeError(
                         f"module {self.module_name!r}: merging adapter {adapter!r} gives NaN or infinite "
                         "weights; the adapter is broken, nothing was merged. Retrain or reload it."
                     )
@@ -314,6 +324,7 @@ class VBLoRALinear(nn.Module):
         if adapter in self.vblora_dropout:
             x = self.vblora_dropout[adapter](x)
         if self._training_factors(adapter):
+            self._refuse_dropped_logits(adapter)
             a, b = self.build_factors(adapter)
             return result + F.linear(
                 F.linear(x, a.to(x.dtype)), b.to(x.dtype)

@@ -68,10 +68,16 @@ def load_adapter(
 ) -> None:
     """Read the adapter saved at ``model_id``; inject it into ``tuner`` (a ``VBLoRATuner``).
 
+    As in PEFT, ``torch_device`` is where the file is read to, not where the
+    adapter lives: every tensor ends beside the layer it adapts.  Reading here is
+    memory-mapped on the CPU, so only a malformed device is refused.
+
     Raises:
         AdapterStateError: ``is_trainable`` with a top-k adapter or ``-inf``
             logits, or the name is taken.
     """
+    if torch_device is not None:
+        torch.device(torch_device)  # refuses a malformed device; the file is read on the CPU, memory-mapped
     folder = resolve_source(model_id, revision=revision, subfolder=subfolder, nested=False)
     stored = read_adapter(folder, name=adapter_name, config=as_config(config))
     if is_trainable and not stored.form.has_logits:
@@ -84,5 +90,5 @@ def load_adapter(
         refuse_dropped_logits(stored)
     if adapter_name in tuner._placeholders:
         tuner.forget(adapter_name)
-    tuner.inject(adapter_name, stored.config, stored, device=torch_device, autocast=autocast_adapter_dtype)
+    tuner.inject(adapter_name, stored.config, stored, autocast=autocast_adapter_dtype)
     tuner.set_trainable(adapter_name, is_trainable)

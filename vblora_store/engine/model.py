@@ -93,7 +93,7 @@ class VBLoRAModel(PassThroughModel):
             autocast_adapter_dtype: Load float16/bfloat16 adapter tensors as float32 (PEFT's default).
             low_cpu_mem_usage: Accepted for PEFT compatibility; loading never
                 allocates a random adapter first, so memory is always low.
-            torch_device: Where the adapter's tensors go (default: each beside its layer).
+            torch_device: PEFT's device to read the file to; the adapter always ends beside each layer.
             revision: Branch, tag or commit of a Hub repo.
             subfolder: The adapter's folder inside the repo or the local folder.
             max_cached_factors: Most adapters whose dense factors are kept built at once.
@@ -158,7 +158,7 @@ class VBLoRAModel(PassThroughModel):
                 placeholder, which is then replaced.
             is_trainable: Make it trainable (full form only); otherwise the
                 model is put in eval mode, as PEFT does.
-            torch_device: Where the adapter's tensors go (default: each beside its layer).
+            torch_device: PEFT's device to read the file to; the adapter always ends beside each layer.
             autocast_adapter_dtype: Load float16/bfloat16 adapter tensors as float32.
             low_cpu_mem_usage: Accepted for PEFT compatibility (always low).
             revision: Branch, tag or commit of a Hub repo.

@@ -14,7 +14,6 @@ from __future__ import annotations
 import warnings
 from typing import Any, Iterable, Iterator, Optional, Sequence, Union
 
-import torch
 from torch import nn
 
 from ..config import VBLoRAConfig
@@ -72,7 +71,6 @@ class VBLoRATuner(nn.Module):
         stored: Optional[StoredAdapter],
         *,
         meta: bool = False,
-        device: Optional[Union[str, torch.device]] = None,
         autocast: bool = True,
     ) -> None:
         """Wrap the targeted layers with ``adapter``: fresh (PEFT's init and RNG order) or from ``stored``.
@@ -85,8 +83,9 @@ class VBLoRATuner(nn.Module):
             config: Its config.
             stored: The adapter's files, or ``None`` for a fresh adapter.
             meta: Allocate a fresh adapter on the ``meta`` device.
-            device: Where a stored adapter's tensors go (default: beside each layer).
-            autocast: Load float16/bfloat16 stored tensors as float32 (PEFT's ``autocast_adapter_dtype``).
+            autocast: PEFT's ``autocast_adapter_dtype``: float16/bfloat16 stored tensors become float32;
+                off, every stored float takes its layer's dtype.  A stored adapter's tensors go beside
+                each layer.
 
         Raises:
             AdapterStateError: the name is taken or not a plain name.
@@ -103,7 +102,7 @@ class VBLoRATuner(nn.Module):
         placeholder = meta and stored is None  # a fresh adapter on "meta", awaiting load_adapter
         try:
             wrap_adapter(
-                self, adapter, config, stored, plan, meta=placeholder, device=device, autocast=autocast
+                self, adapter, config, stored, plan, meta=placeholder, autocast=autocast
             )
             self._activate(self.active_adapter or adapter)
         except BaseException:
