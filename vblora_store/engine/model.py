@@ -265,9 +265,10 @@ class VBLoRAModel(PassThroughModel):
 
         Args:
             repo_id: ``namespace/name``.
-            to: Convert first (``"topk"`` or ``"packed"``).
-            **kwargs: ``private``, ``revision``, ``commit_message``, ``create_pr``,
-                and :meth:`save_pretrained`'s ``selected_adapters``,
+            to: Convert first, to any storage form (``"topk"``, ``"packed"``, ``"compressed"``, ...).
+            **kwargs: ``private``, ``revision``, ``commit_message``, ``commit_description``, ``create_pr``,
+                ``tags`` (added to the card's), ``token`` (never printed), and :meth:`save_pretrained`'s
+                ``selected_adapters``,
                 ``save_only_topk_weights`` and ``safe_serialization``; anything else is refused.
 
         Returns:
