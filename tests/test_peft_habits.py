@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
 
@@ -163,43 +164,38 @@ def test_a_destination_under_a_file_is_one_plain_line(tmp_path, single_copy):
     _one_line_error(result, f"cannot write {tmp_path / 'afile' / 'out'}", "a part of the path is a file")
 
 
-def test_a_full_disk_is_one_plain_line(tmp_path, single_copy):
+@contextlib.contextmanager
+def _small_tmpfs(folder, options: str):
+    """A 64 KiB tmpfs mounted at ``folder`` with ``options`` for the block (skips where mounting needs root)."""
     import subprocess
 
-    from conftest import leftovers, run_module
-
-    small = tmp_path / "small"
-    small.mkdir()
+    folder.mkdir()
     mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(small)], capture_output=True
+        ["mount", "-t", "tmpfs", "-o", f"{options}size=64k", "tmpfs", str(folder)], capture_output=True
     )
     if mounted.returncode != 0:
         pytest.skip("cannot mount a small tmpfs here (needs root); the mapping is also tested without it")
     try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=False)
+
+
+def test_a_full_disk_is_one_plain_line(tmp_path, single_copy):
+    from conftest import leftovers, run_module
+
+    with _small_tmpfs(tmp_path / "small", "") as small:
         result = run_module("convert", single_copy, small / "out", "--to", "full")
         _one_line_error(result, f"cannot write {small / 'out'}", "no space left on device", "free space")
         assert leftovers(small) == [] and not (small / "out").exists()
-    finally:
-        subprocess.run(["umount", str(small)], check=False)
 
 
 def test_a_read_only_file_system_is_said_once(tmp_path, single_copy):
-    import subprocess
-
     from conftest import run_module
 
-    readonly = tmp_path / "ro"
-    readonly.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(readonly)], capture_output=True
-    )
-    if mounted.returncode != 0:
-        pytest.skip("cannot mount a read-only tmpfs here (needs root); the message is also tested without it")
-    try:
+    with _small_tmpfs(tmp_path / "ro", "ro,") as readonly:
         result = run_module("convert", single_copy, readonly / "out")
         line = _one_line_error(result, f"cannot write {readonly / 'out'}")
-    finally:
-        subprocess.run(["umount", str(readonly)], check=False)
     assert line.endswith(": read-only file system; choose another destination."), line
 
 
