@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import re
 
-from conftest import ROOT
+from conftest import ROOT, SINGLE_FIXTURE, run_cli
 
 from vblora_store.report import report_fields
 from vblora_store.storage_forms import StorageForm, markdown_table
@@ -20,6 +21,8 @@ def test_report_schema_lists_every_field_the_report_emits():
     doc = (ROOT / "docs" / "report-schema.md").read_text()
     documented = _first_column(doc, "## Per adapter")
     assert set(documented) == set(report_fields()) | {"by_module_type"}
+    emitted = json.loads(run_cli("report", SINGLE_FIXTURE, "--format", "json").stdout)["adapters"][0]
+    assert set(emitted) == set(documented)  # what the command prints, not only what the code lists
     form_row = next(line for line in doc.splitlines() if line.startswith("| `form` |"))
     assert all(f'"{form}"' in form_row for form in StorageForm)
 
