@@ -372,6 +372,7 @@ def test_every_result_prints_in_every_format_and_exits_by_its_result(command, tm
         run_cli("inspect", SINGLE_FIXTURE, "--json").stdout
         == run_cli("inspect", SINGLE_FIXTURE, "--format", "json").stdout
     )
-    clash = run_cli("inspect", SINGLE_FIXTURE, "--json", "--format", "markdown")
-    assert clash.exit_code == 2 and clash.stdout == "" and clash.stderr.count("\n") == 1
-    assert "--json is --format json" in clash.stderr
+    for other in ("markdown", "text"):
+        clash = run_cli("inspect", SINGLE_FIXTURE, "--json", "--format", other)
+        assert clash.exit_code == 2 and clash.stdout == "" and clash.stderr.count("\n") == 1
+        assert f"--json is --format json; it cannot go with --format {other}" in clash.stderr

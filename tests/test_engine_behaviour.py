@@ -98,6 +98,10 @@ def test_topk_adapter_refuses_training(tmp_path):
         model(input_ids=inputs())
     with pytest.raises(UnsupportedConversionError, match="top-k"):
         model.save_pretrained(tmp_path / "out", save_only_topk_weights=False)
+    model.eval()  # a bank that asks for gradients still runs at inference, gradients on
+    expected = logits(model, inputs())
+    model.vblora_vector_bank["default"].requires_grad_(True)
+    assert torch.allclose(model(input_ids=inputs()).logits, expected)
 
 
 def test_full_adapter_trains_when_asked(tmp_path):

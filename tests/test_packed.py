@@ -142,6 +142,39 @@ def test_any_float_dtype_round_trips_through_the_packed_forms(tmp_path, form, dt
         assert report["precision"] == precision
 
 
+def test_max_error_measures_the_rounding_of_a_float64_adapter(tmp_path):
+    """Float32 storage rounds a float64 adapter: --max-error measures it rather than call it 0, and a bound
+    below it is refused with the fix, nothing written."""
+    from vblora_store import precision
+
+    full = _fixture_in(torch.float64, tmp_path / "full")
+    convert(full, tmp_path / "topk", to="topk")
+    (chosen,) = precision.convert_choosing(full, tmp_path / "packed", to="packed", max_error=1e-6)
+    measured = verify_adapters(read_adapters(tmp_path / "topk")[0], read_adapters(tmp_path / "packed")[0])
+    assert 0 < chosen.max_rel_error <= 1e-6
+    assert chosen.max_rel_error == pytest.approx(measured.max_rel_error, rel=0.1)  # Gram matrices: ~1e-8 resolution
+    refused = run_cli("convert", full, tmp_path / "exact", "--to", "packed", "--max-error", "0")
+    assert refused.exit_code == 2 and not (tmp_path / "exact").exists()
+    assert "no precision of the packed form is within --max-error 0" in refused.stderr
+    assert "the adapter is float64" in refused.stderr and "--to topk" in refused.stderr
+
+
+def test_verify_tol_0_fails_on_the_smallest_difference(tmp_path):
+    """verify's relative error is not rounded: a 1e-12 change of one float64 bank value still fails --tol 0."""
+    from safetensors.torch import load_file, save_file
+
+    full = _fixture_in(torch.float64, tmp_path / "a")
+    convert(full, tmp_path / "b", to="full")
+    weights = tmp_path / "b" / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    tensors["base_model.vblora_vector_bank"][0, 0] += 1e-12
+    save_file(tensors, str(weights))
+    same = run_cli("verify", full, full, "--tol", "0")
+    changed = run_cli("verify", full, tmp_path / "b", "--tol", "0", "--format", "json")
+    assert same.exit_code == 0 and changed.exit_code == 1, changed.stdout
+    assert 0 < json.loads(changed.stdout)["max_rel_error"] < 1e-9
+
+
 def test_multi_adapter_folder_packs_in_the_same_layout(multi_copy, tmp_path):
     """Both adapters of a PEFT multi-adapter folder become packed, in the same folders."""
     convert(multi_copy, tmp_path / "packed", to="packed")

@@ -239,7 +239,7 @@ def test_from_pretrained_config_autocast_and_torch_device(tmp_path):
     )
     ours.load_adapter(tmp_path / "a", "again", torch_device="cpu")
     assert ours.vblora_topk["again"].indices.device.type == "cpu"
-    with pytest.raises(RuntimeError, match="device"):
+    with pytest.raises(ValueError, match="torch_device='no-such-device' is not a device"):
         ours.load_adapter(tmp_path / "a", "bad", torch_device="no-such-device")
     wrong = VBLoRAConfig(**{**BASE_KWARGS, "num_vectors": 31, "target_modules": TARGETS})
     with pytest.raises(InvalidAdapterError, match="num_vectors=31"):
@@ -247,7 +247,15 @@ def test_from_pretrained_config_autocast_and_torch_device(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "model_dtype, file_dtype", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)], ids=str
+    "model_dtype, file_dtype",
+    [
+        (torch.float32, torch.bfloat16),
+        (torch.bfloat16, torch.float32),
+        (torch.bfloat16, torch.bfloat16),
+        (torch.float64, torch.float32),
+        (torch.float32, torch.float64),
+    ],
+    ids=str,
 )
 @pytest.mark.parametrize("autocast", [True, False])
 def test_autocast_adapter_dtype_gives_peft_s_dtypes(tmp_path, model_dtype, file_dtype, autocast):

@@ -40,7 +40,8 @@ def inspect_cmd(path: str, fmt: str, as_json: bool) -> None:
     from .format import read_adapters
     from .inspection import Inspection
 
-    if as_json and fmt not in ("text", "json"):
+    given = click.get_current_context().get_parameter_source("fmt") is not click.core.ParameterSource.DEFAULT
+    if as_json and given and fmt != "json":
         raise click.UsageError(f"--json is --format json; it cannot go with --format {fmt}")
     emit(Inspection.of(read_adapters(path)), "json" if as_json else fmt)
 

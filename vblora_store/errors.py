@@ -25,6 +25,7 @@ __all__ = [
     "TargetingError",
     "AdapterStateError",
     "UnsafeMergeError",
+    "InvalidArgumentError",
     "AdapterNamesError",
     "CheckpointNotFoundError",
     "InvalidCheckpointError",
@@ -34,6 +35,8 @@ __all__ = [
     "OSProblem",
     "os_problem",
     "read_error",
+    "untrainable_topk",
+    "untrainable_dropped_logits",
 ]
 
 
@@ -71,6 +74,10 @@ class AdapterStateError(VBLoRAStoreError, RuntimeError):
 
 class UnsafeMergeError(AdapterStateError, ValueError):
     """``safe_merge`` found NaN or infinite merged weights (a ``ValueError`` too, as PEFT raises)."""
+
+
+class InvalidArgumentError(VBLoRAStoreError, ValueError):
+    """An argument of a call that cannot be taken as given (a malformed device, say)."""
 
 
 class AdapterNamesError(VBLoRAStoreError, ValueError):
@@ -202,3 +209,29 @@ def read_error(path: Union[str, Path], error: OSError) -> ReadError:
     """
     problem = os_problem(error) or OSProblem(None, str(error))
     return ReadError(problem.message("read", path))
+
+
+def untrainable_topk(where: str, form: str, fix: str) -> AdapterStateError:
+    """Training asked of an adapter held without logits (top-k, packed, ...), with the caller's ``fix``.
+
+    Example:
+        >>> str(untrainable_topk("adapter 'a'", "topk", "load the full-form adapter."))[:61]
+        "adapter 'a': held in topk form, which keeps the top-k weights"
+    """
+    return AdapterStateError(
+        f"{where}: held in {form} form, which keeps the top-k weights but not the logits, so it cannot be "
+        f"trained; {fix}"
+    )
+
+
+def untrainable_dropped_logits(where: str, fix: str) -> AdapterStateError:
+    """Training asked of PEFT's ``-inf`` logits (a top-k adapter saved in full form), with a ``fix``.
+
+    Example:
+        >>> "cannot be trained" in str(untrainable_dropped_logits("x", "train the original."))
+        True
+    """
+    return AdapterStateError(
+        f"{where} holds -inf logits (PEFT's full save of an adapter loaded from top-k form): the dropped "
+        f"logits can never re-enter the top-k, so it cannot be trained; {fix}"
+    )

@@ -15,16 +15,20 @@ precision options (``packed``, ``compressed``).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
 
 from .choices import BankDtype, WeightsDtype
+from .dtypes import name_of
 from .errors import UnsupportedConversionError
 from .format import StoredAdapter, TensorSpec
 from .format import convert as convert_form
 from .format.codecs.packed import CODEC as PACKED
 from .format.codecs.packed import pack_topk
+from .format.keys import BANK_KEY, parse_key
+from .format.codecs.packed_metadata import Packing, rounded_from
 from .format.codecs.precision import BANK, WEIGHTS, encode_bank, encode_weights
 from .format.codecs.topk import CODEC as TOPK
 from .factors import module_factors
@@ -132,18 +136,30 @@ def choose_precision(
 ) -> PrecisionChoice:
     """The smallest precision in form ``to`` whose measured error is at most ``max_error`` (module docstring).
 
+    Raises:
+        UnsupportedConversionError: none is within ``max_error`` (only a float64 adapter, which even
+            float32 storage rounds, can have none).
+
     Example:
         >>> from vblora_store import read_adapter
         >>> choose_precision(read_adapter("fixtures/tiny-llama-vblora"), 0.0).bank.value
         'float32'
     """
     reference = lossless_reference(adapter)
+    packed = [k for k in reference.specs if k == BANK_KEY or getattr(parse_key(k), "part", "") == "weights"]
+    wide = rounded_from(*(name_of(reference.specs[k].dtype) for k in packed))  # float64: float32 rounds it
+    best = math.inf
     for tried, (bank, weights) in enumerate(candidates(adapter, to, reference=reference), start=1):
-        lossless = (bank, weights) == (BankDtype.FLOAT32, WeightsDtype.FLOAT32)
-        error = 0.0 if lossless else measured_error(adapter, bank, weights, reference=reference)
+        exact = not Packing(0, weights, bank, wide).lossy
+        error = 0.0 if exact else measured_error(adapter, bank, weights, reference=reference)
         if error <= max_error:
             return PrecisionChoice(f"{adapter.folder} [{adapter.name}]", bank, weights, error, tried)
-    raise AssertionError("the lossless candidate always passes")  # pragma: no cover
+        best = min(best, error)
+    raise UnsupportedConversionError(
+        f"{adapter.folder} [{adapter.name}]: no precision of the {StorageForm(to).value} form is within "
+        f"--max-error {max_error:g} (the closest: {best:.3e}; the adapter is {wide}, stored as float32 at "
+        "most); raise --max-error, or keep it exact with --to topk."
+    )
 
 
 def convert_choosing(

@@ -105,12 +105,11 @@ def wrap_adapter(
     """
 
     def widen(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """PEFT's ``autocast_adapter_dtype``: on, half precision becomes float32; off, the layer's dtype."""
+        """PEFT's dtype rule: the layer's dtype, and with ``autocast_adapter_dtype`` half precision as float32."""
         if not value.is_floating_point():
             return value
-        if autocast:
-            return value.float() if value.dtype in (torch.float16, torch.bfloat16) else value
-        return value.to(like.dtype)
+        half = like.dtype in (torch.float16, torch.bfloat16)
+        return value.to(torch.float32 if autocast and half else like.dtype)
 
     tuner.peft_config[adapter] = config
     tuner.storage_form[adapter] = StorageForm.FULL if stored is None else stored.form

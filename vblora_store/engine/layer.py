@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import VBLoRAConfig
-from ..errors import AdapterStateError, UnsafeMergeError
+from ..errors import AdapterStateError, UnsafeMergeError, untrainable_dropped_logits, untrainable_topk
 from ..topk import delta_weight, lora_factors, mix_weights, subvector_factors
 from .batched import add_lora
 from .building import slot_factors
@@ -227,13 +227,12 @@ class VBLoRALinear(nn.Module):
         return torch.is_grad_enabled() and any(t.requires_grad for t in self._sources(adapter))
 
     def _refuse_dropped_logits(self, adapter: str) -> None:
-        """Refuse a training step on ``-inf`` logits (PEFT's full save of a top-k adapter), as PEFT's training does."""
+        """Refuse a training step on ``-inf`` logits (PEFT's full save of a top-k adapter), as PEFT does."""
         logits = (self.vblora_logits_A[adapter], self.vblora_logits_B[adapter])
         if any(bool(torch.isneginf(side).any()) for side in logits):
-            raise AdapterStateError(
-                f"module {self.module_name!r}: adapter {adapter!r} holds -inf logits (PEFT's full save of an "
-                "adapter loaded from top-k form): the dropped logits can never re-enter the top-k, so it cannot "
-                "be trained. Call model.eval() for inference, or train from the original full adapter."
+            raise untrainable_dropped_logits(
+                f"module {self.module_name!r}: adapter {adapter!r}",
+                "call model.eval() for inference, or train from the original full adapter.",
             )
 
     def factors(
@@ -316,15 +315,16 @@ class VBLoRALinear(nn.Module):
         if self.merged or adapter is None or adapter not in self.r:
             return result
         if self.training and torch.is_grad_enabled() and self.is_topk(adapter):
-            raise AdapterStateError(
-                f"module {self.module_name!r}: adapter {adapter!r} was loaded from top-k form "
-                "(save_only_topk_weights=True), which keeps only the top-k weights and discards the logits, "
-                "so it cannot be trained. Call model.eval() for inference, or load the full-form adapter."
+            raise untrainable_topk(
+                f"module {self.module_name!r}, adapter {adapter!r}",
+                "top-k",
+                "call model.eval() for inference, or load the full-form adapter.",
             )
         if adapter in self.vblora_dropout:
             x = self.vblora_dropout[adapter](x)
         if self._training_factors(adapter):
-            self._refuse_dropped_logits(adapter)
+            if self.training and not self.is_topk(adapter):  # PEFT's training forward refuses them too
+                self._refuse_dropped_logits(adapter)
             a, b = self.build_factors(adapter)
             return result + F.linear(
                 F.linear(x, a.to(x.dtype)), b.to(x.dtype)

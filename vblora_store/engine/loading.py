@@ -16,7 +16,7 @@ from typing import Any, Optional, Union
 import torch
 
 from ..config import VBLoRAConfig
-from ..errors import AdapterStateError
+from ..errors import AdapterStateError, InvalidArgumentError, untrainable_dropped_logits, untrainable_topk
 from ..format import read_adapter
 from ..format.keys import parse_key
 from ..format.stored import StoredAdapter
@@ -47,10 +47,9 @@ def refuse_dropped_logits(stored: StoredAdapter) -> None:
         if parts is None or parts.part != "logits":
             continue
         if bool(torch.isneginf(stored.checked_tensor(key)).any()):
-            raise AdapterStateError(
-                f"{stored.folder}: tensor {key!r} holds -inf logits (PEFT's full save of an adapter loaded from "
-                "top-k form): the dropped logits can never re-enter the top-k, so it cannot be trained. Load it "
-                "with is_trainable=False, or train from the original full adapter."
+            raise untrainable_dropped_logits(
+                f"{stored.folder}: tensor {key!r}",
+                "load it with is_trainable=False, or train from the original full adapter.",
             )
 
 
@@ -76,15 +75,18 @@ def load_adapter(
         AdapterStateError: ``is_trainable`` with a top-k adapter or ``-inf``
             logits, or the name is taken.
     """
-    if torch_device is not None:
-        torch.device(torch_device)  # refuses a malformed device; the file is read on the CPU, memory-mapped
+    if torch_device is not None:  # the file is read on the CPU, memory-mapped: only a malformed device matters
+        try:
+            torch.device(torch_device)
+        except (RuntimeError, TypeError) as e:
+            raise InvalidArgumentError(f"torch_device={torch_device!r} is not a device ({e}); pass e.g. 'cpu'.") from e
     folder = resolve_source(model_id, revision=revision, subfolder=subfolder, nested=False)
     stored = read_adapter(folder, name=adapter_name, config=as_config(config))
     if is_trainable and not stored.form.has_logits:
-        raise AdapterStateError(
-            f"{stored.folder}: the adapter is stored in {stored.form.value} form, which keeps the "
-            "top-k weights but not the logits, so it cannot be trained. Load it with "
-            "is_trainable=False, or train from the full-form adapter."
+        raise untrainable_topk(
+            f"{stored.folder}",
+            stored.form.value,
+            "load it with is_trainable=False, or train from the full-form adapter.",
         )
     if is_trainable and stored.form.has_logits:
         refuse_dropped_logits(stored)

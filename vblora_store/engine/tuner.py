@@ -17,7 +17,7 @@ from typing import Any, Iterable, Iterator, Optional, Sequence, Union
 from torch import nn
 
 from ..config import VBLoRAConfig
-from ..errors import AdapterStateError
+from ..errors import AdapterStateError, untrainable_topk
 from ..storage_forms import StorageForm
 from ..format.stored import StoredAdapter
 from .cache import FactorCache
@@ -165,9 +165,9 @@ class VBLoRATuner(nn.Module):
         """
         for adapter in self.check_known(adapter_names):
             if requires_grad and not self.storage_form[adapter].has_logits:
-                raise AdapterStateError(
-                    f"adapter {adapter!r} is held in {self.storage_form[adapter].value} form, which has no logits "
-                    "to train; load its full-form adapter to train it."
+                form = self.storage_form[adapter].value
+                raise untrainable_topk(
+                    f"adapter {adapter!r}", form, "load its full-form adapter to train it."
                 )
             self.vblora_vector_bank[adapter].requires_grad_(requires_grad)
             for _, layer in adapter_layers(self.model, adapter):

@@ -31,6 +31,7 @@ __all__ = [
     "Packing",
     "Description",
     "is_packed",
+    "rounded_from",
     "describe",
     "read_description",
 ]
@@ -57,7 +58,8 @@ class Packing:
         weights: How the top-k weights are stored.
         bank: How the bank is stored.
         rounded_from: The adapter's own dtype where it is wider than the packed form's widest
-            (float64 kept as float32), else ``None``: then even float32 storage is lossy.
+            (float64 kept as float32: :func:`rounded_from`), else ``None``.  When set, even
+            float32 storage is lossy.
 
     Example:
         >>> Packing(11, WeightsDtype.FLOAT16, BankDtype.INT8).lossy, Packing(11).info()
@@ -82,6 +84,16 @@ class Packing:
             "bank_dtype": self.bank.value,
             "index_bits": str(self.index_bits),
         }
+
+
+def rounded_from(*dtype_names: str) -> Optional[str]:
+    """The first of an adapter's dtypes wider than the packed form stores (float32 at most), or ``None``.
+
+    Example:
+        >>> rounded_from("float32", "float64"), rounded_from("bfloat16", "float32")
+        ('float64', None)
+    """
+    return next((name for name in dtype_names if by_name(name).bits > 32), None)
 
 
 def describe(
@@ -173,8 +185,7 @@ def read_description(
     expected = {INDICES: (torch.uint8, (packed_size(slots * topk, bits),))}
     expected.update(weights_layout(weights_dtype, slots, topk))
     expected.update(bank_layout(bank_dtype, num_vectors, vector_length))
-    wider = [d.name for d in (restore_weights, restore_bank) if d.bits > 32]  # float64: stored as float32
-    packing = Packing(bits, weights_dtype, bank_dtype, wider[0] if wider else None)
+    packing = Packing(bits, weights_dtype, bank_dtype, rounded_from(restore_weights.name, restore_bank.name))
     return Description(packing, restore_weights, restore_bank, modules, shapes, slots, expected)
 
 
