@@ -263,7 +263,7 @@ def _unreadable_files_are_refused_here(tmp_path) -> bool:
         ("adapter_config.json", "read"),
         ("adapter_model.safetensors", "read"),
         ("adapter_model.bin", "read"),
-        ("second", "access"),  # a sub-folder: listed by the CLI, not by the reader
+        ("second", "read"),  # a sub-folder that cannot be listed
     ],
 )
 def test_a_file_the_system_will_not_let_us_read_is_not_called_damaged(tmp_path, multi_copy, unreadable, verb):
@@ -282,16 +282,15 @@ def test_a_file_the_system_will_not_let_us_read_is_not_called_damaged(tmp_path, 
     (multi_copy / unreadable).chmod(0)
     command = [*_NO_READ_OVERRIDE, sys.executable, "-m", "vblora_store", "inspect", str(multi_copy)]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
-    where = multi_copy / unreadable / ("adapter_config.json" if unreadable == "second" else "")
-    line = _one_line_error(result, f"cannot {verb} {str(where).rstrip('/')}: permission denied")
+    line = _one_line_error(result, f"cannot {verb} {multi_copy / unreadable}: permission denied")
     assert line.endswith("; check its permissions, or run as a user who may read it."), line
     assert "damaged" not in line and "destination" not in line
 
-    if unreadable == "adapter_model.safetensors":  # the Python API: a typed error, also an OSError
+    if unreadable in ("adapter_model.safetensors", "second"):  # the Python API: a typed error, also an OSError
         probe = (
-            "from vblora_store import read_adapter\n"
+            "from vblora_store import read_adapters\n"
             "from vblora_store.errors import ReadError\n"
-            f"try:\n    read_adapter({str(multi_copy)!r})\n"
+            f"try:\n    read_adapters({str(multi_copy)!r})\n"
             "except ReadError as e:\n    print(isinstance(e, OSError), e)\n"
         )
         command = [*_NO_READ_OVERRIDE, sys.executable, "-c", probe]

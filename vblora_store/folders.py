@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Union
 
 from .config import CONFIG_NAME
-from .errors import AdapterNotFoundError
+from .errors import AdapterNotFoundError, read_error
 
 __all__ = [
     "CONFIG_NAME",
@@ -43,20 +43,25 @@ def find_adapter_folders(path: Union[str, Path]) -> list[tuple[str, Path]]:
 
     Raises:
         AdapterNotFoundError: ``path`` is missing or holds no adapter.
+        ReadError: a folder cannot be listed (permission denied).
     """
     root = Path(path)
     if not root.exists():
         raise AdapterNotFoundError(f"{root}: no such file or folder; check the path.")
     if not root.is_dir():
         raise AdapterNotFoundError(f"{root}: not a folder; pass the adapter folder that holds {CONFIG_NAME}.")
-    found = []
-    if (root / CONFIG_NAME).is_file():
-        found.append(("default", root))
-    for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        if sub.is_symlink() and not is_within(sub.resolve(), root.resolve()):
-            continue
-        if (sub / CONFIG_NAME).is_file():
-            found.append((sub.name, sub))
+    found, where = [], root
+    try:
+        if (root / CONFIG_NAME).is_file():
+            found.append(("default", root))
+        for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            where = sub
+            if sub.is_symlink() and not is_within(sub.resolve(), root.resolve()):
+                continue
+            if (sub / CONFIG_NAME).is_file():
+                found.append((sub.name, sub))
+    except OSError as e:  # a folder the system will not let us list (permission denied)
+        raise read_error(where, e) from e
     if not found:
         raise AdapterNotFoundError(
             f"{root}: no {CONFIG_NAME} here or in its sub-folders; point at a folder written by "
