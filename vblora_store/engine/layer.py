@@ -315,11 +315,8 @@ class VBLoRALinear(nn.Module):
         if self.merged or adapter is None or adapter not in self.r:
             return result
         if self.training and torch.is_grad_enabled() and self.is_topk(adapter):
-            raise untrainable_topk(
-                f"module {self.module_name!r}, adapter {adapter!r}",
-                "top-k",
-                "call model.eval() for inference, or load the full-form adapter.",
-            )
+            fix = "call model.eval() for inference, or load the full-form adapter."
+            raise untrainable_topk(f"module {self.module_name!r}, adapter {adapter!r}", "top-k", fix)
         if adapter in self.vblora_dropout:
             x = self.vblora_dropout[adapter](x)
         if self._training_factors(adapter):
