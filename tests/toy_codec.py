@@ -18,7 +18,7 @@ class ToyCodec(Codec):
     def detect(self, specs, metadata):
         return bool(metadata) and MARK in metadata
 
-    def decode(self, specs, reader, metadata, config, path):
+    def decode_tensors(self, specs, reader, metadata, config, path):
         views = {key.removeprefix(PREFIX): spec for key, spec in specs.items()}
         return Decoded(views, lambda key: reader(PREFIX + key))
 

@@ -120,8 +120,7 @@ def measured_error(
     """``verify``'s largest relative ΔW error of ``adapter`` stored at ``(bank, weights)``, against its top-k data."""
     reference = reference or lossless_reference(adapter)
     packed, metadata = _pack(reference, bank, weights)
-    specs = {key: TensorSpec(value.dtype, tuple(value.shape)) for key, value in packed.items()}
-    decoded = PACKED.decode(specs, packed.__getitem__, metadata, reference.config, adapter.weights_path)
+    decoded = PACKED.unpack(packed, metadata, reference.config, adapter.weights_path)
     candidate = _in_memory(adapter, {k: decoded.reader(k) for k in decoded.specs}, packing=decoded.packing)
     worst, order = 0.0, list(adapter.modules)
     for (_, a_ref, b_ref), (_, a, b) in zip(

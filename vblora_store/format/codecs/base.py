@@ -19,6 +19,7 @@ import torch
 from ...config import VBLoRAConfig
 from ..keys import parse_key
 from ..stored import StoredAdapter, TensorSpec
+from .checks import check_expansion
 
 __all__ = ["FormCounts", "Decoded", "Codec", "peft_kind"]
 
@@ -96,7 +97,37 @@ class Codec:
         config: VBLoRAConfig,
         path: Path,
     ) -> Decoded:
-        """The file's tensors in PEFT's key names (default: as stored)."""
+        """The file's tensors in PEFT's key names, once the file is shown to back what decoding allocates.
+
+        Every codec decodes through here: :meth:`expanded_bytes` (from the header alone) is held to
+        :func:`~.checks.check_expansion` before :meth:`decode_tensors` reads a byte.  Codecs override
+        those two, never this.
+
+        Raises:
+            InvalidAdapterError: the file declares more than it can back, or its codec refuses it.
+        """
+        check_expansion(self.expanded_bytes(specs, metadata, config, path), path)
+        return self.decode_tensors(specs, reader, metadata, config, path)
+
+    def expanded_bytes(
+        self, specs: dict[str, TensorSpec], metadata: Optional[dict[str, str]], config: VBLoRAConfig, path: Path
+    ) -> int:
+        """Bytes :meth:`decode_tensors` allocates, from the header alone (default: the stored tensors').
+
+        A codec that decodes into more than it stores (decompression, unpacking) counts it here,
+        checking the metadata it counts from.
+        """
+        return sum(spec.nbytes for spec in specs.values())
+
+    def decode_tensors(
+        self,
+        specs: dict[str, TensorSpec],
+        reader,
+        metadata: Optional[dict[str, str]],
+        config: VBLoRAConfig,
+        path: Path,
+    ) -> Decoded:
+        """The file's tensors in PEFT's key names (default: as stored); see :meth:`decode`."""
         return Decoded(specs, reader)
 
     def encode(

@@ -31,12 +31,14 @@ from typing import Optional
 import torch
 
 from ...choices import BankDtype, WeightsDtype
-from ...dtypes import by_code, by_torch
+from ...dtypes import by_torch
 from ...errors import InvalidAdapterError
 from .base import Codec, Decoded, FormCounts
+from .checks import integer
 from .packed import CODEC as PACKED
+from .packed import unpacked_bytes
 from .packed_metadata import METADATA_KEY as PACKED_KEY
-from .packed_metadata import Packing, read_description
+from .packed_metadata import Packing, check_version, read_description
 from .precision import BANK, BANK_SCALE, WEIGHTS
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "METADATA_KEY", "LEVEL", "CompressedPacking", "CODEC"]
@@ -46,6 +48,7 @@ FORMAT_VERSION = "1"
 METADATA_KEY = "vblora_store.compressed"
 PREFIX = "vblora_compressed."
 LEVEL = 19  # zstd's level: 22 gains nothing more on banks (measured), 19 is within 2% of the entropy
+MAX_LEVEL = 22  # zstd's highest level; negative levels down to -2**17 are its fast modes
 QUICK_LEVEL = 3  # for comparing precisions: the same ranking as level 19 at a hundredth of the time
 COMPRESSED = (BANK, BANK_SCALE, WEIGHTS)
 
@@ -83,6 +86,27 @@ def _stored_planes(value: torch.Tensor, compressor) -> list[tuple[str, bytes]]:
 def _as_tensor(data: bytes) -> torch.Tensor:
     """``data`` as a uint8 tensor (``frombuffer`` refuses an empty buffer: a top-1 adapter stores no weight)."""
     return torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+
+
+def frame_length(data: bytes) -> int:
+    """Bytes the zstd frame at the start of ``data`` takes (RFC 8878: header, blocks, checksum).
+
+    Only called on a frame zstd has just decoded, so its header and blocks are sound.
+    """
+    import zstandard
+
+    offset = zstandard.frame_header_size(data)
+    while offset + 3 <= len(data):
+        header = int.from_bytes(data[offset : offset + 3], "little")  # last (1 bit), type (2), size (21)
+        last, kind, size = header & 1, (header >> 1) & 3, header >> 3
+        offset += 3 + (1 if kind == 1 else size)  # an RLE block stores one byte
+        if last:
+            return offset + 4 * bool(zstandard.get_frame_parameters(data).has_checksum)
+    return len(data) + 1  # no last block: not one whole frame
+
+
+def _bad(path, message: str) -> InvalidAdapterError:
+    return InvalidAdapterError(f"{path}: compressed form: {message}; the file is damaged or not ours, fetch it again.")
 
 
 def _join(planes: list[bytes], dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
@@ -132,69 +156,106 @@ class CompressedCodec(Codec):
         }  # fmt: skip
         return tensors, {METADATA_KEY: json.dumps(description, sort_keys=True, separators=(",", ":"))}
 
-    def decode(self, specs, reader, metadata, config, path) -> Decoded:
+    def expanded_bytes(self, specs, metadata, config, path) -> int:
+        """The decompressed planes, then what unpacking them allocates: all from the header, all checked."""
+        _, entries, packed_text = self._description(metadata, path)
+        layout = self._layout(packed_text, config, path)
+        counts = dict(num_vectors=config.num_vectors, vector_length=config.vector_length, topk=config.topk)
+        return unpacked_bytes(layout, **counts) + sum(spec.nbytes for spec in specs.values())
+
+    def decode_tensors(self, specs, reader, metadata, config, path) -> Decoded:
         import zstandard
 
         def bad(message: str) -> InvalidAdapterError:
-            return InvalidAdapterError(
-                f"{path}: compressed form: {message}; the file is damaged or not ours, fetch it again."
-            )
+            return _bad(path, message)
 
-        try:
-            description = json.loads(metadata[METADATA_KEY])
-            if description["format"] != FORMAT_NAME:
-                raise ValueError(f"format is {description['format']!r}")
-            version, codec, packed_text = description["version"], description["codec"], description["packed"]
-            entries = dict(description["tensors"])
-        except (KeyError, ValueError, TypeError, RecursionError) as e:
-            raise bad(f"metadata is incomplete or malformed ({type(e).__name__}: {e})") from e
-        if version != FORMAT_VERSION or codec != "zstd":
-            raise InvalidAdapterError(
-                f"{path}: compressed form version {version} with codec {codec!r}; this vblora_store reads version "
-                f"{FORMAT_VERSION} with zstd. Upgrade vblora_store."
-            )
-        layout = read_description(
-            packed_text, r=config.r, num_vectors=config.num_vectors, vector_length=config.vector_length,
-            topk=config.topk, source=str(path),
-        ).expected  # fmt: skip
+        _, entries, packed_text = self._description(metadata, path)
+        layout = self._layout(packed_text, config, path).expected
+        for key in specs:
+            if key.startswith(PREFIX) and key[len(PREFIX) :] not in entries:
+                raise bad(f"it holds {key!r}, which its metadata does not list")
+            if key in COMPRESSED:
+                raise bad(f"it holds {key!r} uncompressed beside its compressed tensors (a mixed file)")
         tensors = {key: reader(key) for key in specs if not key.startswith(PREFIX)}
         decompressor = zstandard.ZstdDecompressor()
         for key, entry in entries.items():
             if key not in COMPRESSED or key not in layout or PREFIX + key not in specs:
                 raise bad(f"it lists {key!r}, which it cannot hold")
             dtype, shape = layout[key]
-            try:
-                declared = (by_code(entry["dtype"]).torch, tuple(int(d) for d in entry["shape"]))
-                planes = [(int(size), str(kind)) for size, kind in entry["planes"]]
-            except (KeyError, TypeError, ValueError) as e:
-                raise bad(f"the entry of {key!r} is malformed ({type(e).__name__}: {e})") from e
-            if declared != (dtype, shape) or len(planes) != dtype.itemsize:
+            declared, planes = self._entry(key, entry, bad)
+            if declared != (by_torch(dtype).code, list(shape)) or len(planes) != dtype.itemsize:
                 raise bad(
-                    f"{key!r} is declared {declared} in {len(planes)} planes; the config gives {dtype} {list(shape)}"
+                    f"{key!r} is declared {declared[0]} {declared[1]} in {len(planes)} planes; the config gives "
+                    f"{by_torch(dtype).code} {list(shape)} in {dtype.itemsize}"
                 )
             count = 1
             for d in shape:
                 count *= d
-            blob = reader(PREFIX + key)
-            if (
-                blob.dtype != torch.uint8
-                or blob.dim() != 1
-                or sum(size for size, _ in planes) != blob.numel()
-            ):
-                raise bad(
-                    f"{PREFIX + key!r} does not hold the {sum(s for s, _ in planes)} bytes its planes declare"
-                )
-            data, offset, raw_planes = blob.numpy().tobytes(), 0, []
+            spec = specs[PREFIX + key]
+            if spec.dtype != torch.uint8 or len(spec.shape) != 1:
+                raise bad(f"{PREFIX + key!r} is {spec.describe()}, not a 1-D uint8 tensor of byte planes")
+            total = sum(size for size, _ in planes)
+            if total != spec.numel:
+                raise bad(f"{PREFIX + key!r} holds {spec.numel} bytes but its planes declare {total}")
+            data, offset, raw_planes = reader(PREFIX + key).numpy().tobytes(), 0, []
             for size, kind in planes:
                 chunk, offset = data[offset : offset + size], offset + size
                 raw_planes.append(self._plane(decompressor, chunk, kind, count, key, bad))
             tensors[key] = _join(raw_planes, dtype, shape)
-        decoded = PACKED.decode(
-            {k: None for k in tensors}, tensors.__getitem__, {PACKED_KEY: packed_text}, config, path
-        )
+        decoded = PACKED.unpack(tensors, {PACKED_KEY: packed_text}, config, path)
         stored = sum(spec.nbytes for spec in specs.values())
         packing = CompressedPacking(**vars(decoded.packing), stored_bytes=stored)
         return Decoded(decoded.specs, decoded.reader, order=decoded.order, packing=packing)
+
+    @staticmethod
+    def _description(metadata, path) -> tuple[dict, dict, str]:
+        """The compressed form's metadata, its version, codec and level checked: ``(it, entries, packed text)``."""
+
+        def bad(message: str) -> InvalidAdapterError:
+            return _bad(path, message)
+
+        try:
+            description = json.loads(metadata[METADATA_KEY])
+            if not isinstance(description, dict):
+                raise TypeError(f"the metadata is a JSON {type(description).__name__}, not an object")
+            if description["format"] != FORMAT_NAME:
+                raise ValueError(f"format is {description['format']!r}")
+            version, codec, level = description["version"], description["codec"], description["level"]
+            packed_text, entries = description["packed"], description["tensors"]
+        except (KeyError, ValueError, TypeError, RecursionError) as e:
+            raise bad(f"metadata is incomplete or malformed ({type(e).__name__}: {e})") from e
+        check_version("compressed", version, FORMAT_VERSION, str(path))
+        if codec != "zstd":
+            raise InvalidAdapterError(
+                f"{path}: compressed form with codec {codec!r}; this vblora_store reads zstd. Upgrade vblora_store."
+            )
+        integer(level, "level", bad, minimum=-(1 << 17), maximum=MAX_LEVEL)
+        if not isinstance(packed_text, str) or not isinstance(entries, dict):
+            raise bad("metadata's packed is not a string or its tensors not an object")
+        return description, entries, packed_text
+
+    @staticmethod
+    def _layout(packed_text: str, config, path):
+        return read_description(
+            packed_text, r=config.r, num_vectors=config.num_vectors, vector_length=config.vector_length,
+            topk=config.topk, source=str(path),
+        )  # fmt: skip
+
+    @staticmethod
+    def _entry(key: str, entry: object, bad) -> tuple[tuple[str, list], list[tuple[int, str]]]:
+        """One ``tensors`` entry checked: ``((dtype code, shape), [(stored bytes, kind), ...])``."""
+        if not isinstance(entry, dict) or not {"dtype", "shape", "planes"} <= entry.keys():
+            raise bad(f"the entry of {key!r} is not an object with dtype, shape and planes")
+        shape, planes = entry["shape"], entry["planes"]
+        if not isinstance(shape, list) or not isinstance(planes, list):
+            raise bad(f"the entry of {key!r} has a shape or planes that is not a list")
+        dims = [integer(d, f"a dimension of {key!r}", bad) for d in shape]
+        checked = []
+        for plane in planes:
+            if not isinstance(plane, list) or len(plane) != 2 or plane[1] not in ("zstd", "raw"):
+                raise bad(f"a plane of {key!r} is {plane!r:.60}, not [stored bytes, \"zstd\" or \"raw\"]")
+            checked.append((integer(plane[0], f"a plane size of {key!r}", bad), plane[1]))
+        return (entry["dtype"], dims), checked
 
     @staticmethod
     def _plane(decompressor, chunk: bytes, kind: str, count: int, key: str, bad) -> bytes:
@@ -205,10 +266,10 @@ class CompressedCodec(Codec):
             if len(chunk) != count:
                 raise bad(f"a raw plane of {key!r} holds {len(chunk)} bytes, not {count}")
             return chunk
-        if kind != "zstd":
-            raise bad(f"a plane of {key!r} is {kind!r}, neither zstd nor raw")
         try:
             frame = zstandard.get_frame_parameters(chunk)
+            if frame.content_size in (zstandard.CONTENTSIZE_UNKNOWN, zstandard.CONTENTSIZE_ERROR):
+                raise bad(f"a zstd frame of {key!r} declares no content size (its plane holds {count} bytes)")
             if frame.content_size != count:
                 raise bad(f"a zstd frame of {key!r} declares {frame.content_size} bytes, not {count}")
             if not frame.has_checksum:
@@ -218,6 +279,8 @@ class CompressedCodec(Codec):
             raise bad(f"a zstd frame of {key!r} cannot be decompressed ({e})") from e
         if len(plane) != count:
             raise bad(f"a zstd frame of {key!r} gave {len(plane)} bytes, not {count}")
+        if frame_length(chunk) != len(chunk):
+            raise bad(f"a zstd frame of {key!r} is followed by {len(chunk) - frame_length(chunk)} more bytes")
         return plane
 
     def stored_bytes(self, tensors: dict[str, torch.Tensor]) -> int:

@@ -22,7 +22,8 @@ from typing import Iterable
 import torch
 
 from ...choices import BankDtype, WeightsDtype
-from ...errors import InvalidAdapterError
+from ...dtypes import name_of
+from ...errors import InvalidAdapterError, UnsupportedConversionError
 from ..bitpack import bits_for, pack, packed_size, unpack
 from ..keys import BANK_KEY, index_dtype, indices_key, parse_key, weights_key
 from ..stored import TensorSpec
@@ -36,8 +37,12 @@ from .precision import (
     encode_bank,
     encode_weights,
     weights_bits,
+    weights_tolerance,
 )
+from .checks import simplex_problem
 from .packed_metadata import (
+    RESTORE_DTYPES,
+    Description,
     FORMAT_NAME,
     FORMAT_VERSION,
     INDICES,
@@ -61,6 +66,9 @@ __all__ = [
     "pack_topk",
     "unpack_topk",
 ]
+
+PREFIX = "vblora_packed."  # every packed tensor's key begins so
+
 
 def _sides(modules: Iterable) -> Iterable[tuple[str, str]]:
     for module in modules:
@@ -99,6 +107,12 @@ def pack_topk(
     ]  # (..., k-1) -> (slots, k-1); k=1 too
     restore_weights = weights[0].dtype
     bank = tensors[BANK_KEY]
+    for what, dtype in (("top-k weights", restore_weights), ("bank", bank.dtype)):
+        if name_of(dtype) not in RESTORE_DTYPES:
+            raise UnsupportedConversionError(
+                f"the adapter's {what} are {name_of(dtype)}; the packed form gives back only "
+                f"{', '.join(RESTORE_DTYPES)}: convert it to topk instead."
+            )
     out = {k: v for k, v in tensors.items() if k != BANK_KEY and parse_key(k) is None}
     out[INDICES] = pack(all_indices, bits)
     out.update(encode_weights(torch.cat(weights), weights_dtype))  # (S, k-1), at its precision
@@ -151,6 +165,9 @@ def unpack_topk(
             f"{source}: packed form: {message}; the file is damaged or not ours, fetch it again."
         )
 
+    for key in tensors:
+        if key == BANK_KEY or parse_key(key) is not None or (key.startswith(PREFIX) and key not in expected):
+            raise bad(f"it holds {key!r} beside its packed tensors (a mixed file)")
     for key, (dtype, shape) in expected.items():
         value = tensors.get(key)
         if value is None or value.dtype != dtype or tuple(value.shape) != shape:
@@ -159,16 +176,20 @@ def unpack_topk(
 
     indices = unpack(tensors[INDICES], bits, slots * topk).to(index_dtype(num_vectors))  # (S·k,)
     # Stored as given back when the choice is a plain cast to the restore dtype (the same name; float8_e4m3,
-    # a scaled code, never is).
+    # a scaled code, never is): the reader's checks of PEFT's own tensors then apply as they are.
     if weights_dtype.value == restore_weights.name:
         weights = tensors[WEIGHTS]  # (S, k-1), stored as they were: bit for bit
     else:
-        weights = _fit_simplex(decode_weights(tensors, weights_dtype).to(restore_weights.torch))
+        weights = decode_weights(tensors, weights_dtype, bad=bad)
+        problem = simplex_problem(weights, weights_tolerance(weights_dtype, topk))
+        if problem is not None:
+            raise bad(f"the {weights_dtype.value} top-k weights {problem}, beyond their rounding")
+        weights = _fit_simplex(weights.to(restore_weights.torch))
     if bank_dtype.value == restore_bank.name:
         bank = tensors[BANK]
     else:
-        bank = decode_bank(tensors, bank_dtype, (num_vectors, vector_length))
-    out = {k: v for k, v in tensors.items() if not k.startswith("vblora_packed.")}
+        bank = decode_bank(tensors, bank_dtype, (num_vectors, vector_length), bad=bad)
+    out = {k: v for k, v in tensors.items() if not k.startswith(PREFIX)}
     out[BANK_KEY] = bank.to(restore_bank.torch)
     slot = 0
     for name, side, (rows, cols) in shapes:
@@ -183,12 +204,31 @@ def unpack_topk(
     return modules, out, d.packing
 
 
+def unpacked_bytes(d: Description, *, num_vectors: int, vector_length: int, topk: int) -> int:
+    """Bytes unpacking allocates for a file of description ``d``: its packed tensors and PEFT's top-k ones.
+
+    Counted from the metadata alone, before a byte is read (:meth:`Codec.expanded_bytes`).
+    """
+    stored = sum(_nbytes(dtype, shape) for dtype, shape in d.expected.values())
+    index_bytes = torch.empty(0, dtype=index_dtype(num_vectors)).element_size()
+    topk_bytes = d.slots * topk * index_bytes + d.slots * (topk - 1) * d.restore_weights.itemsize
+    return stored + topk_bytes + num_vectors * vector_length * d.restore_bank.itemsize
+
+
+def _nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
+    n = dtype.itemsize
+    for d in shape:
+        n *= d
+    return n
+
+
 def _fit_simplex(weights: torch.Tensor) -> torch.Tensor:
-    """Lossy weights back on PEFT's simplex: non-negative, summing below one.
+    """Lossy weights, checked within their rounding of the simplex, back on it: summing below one.
 
     Rounding can push ``sum(w) >= 1``, which would make PEFT's recovered last
     weight ``1 - sum`` negative and its logit ``log`` of it NaN; such rows are
-    scaled just below one, in float64, then cast back.
+    scaled just below one, in float64, then cast back.  Anything further off
+    was refused before (:func:`~.checks.simplex_problem`).
     """
     w = weights.double().clamp(min=0)
     total = w.sum(-1, keepdim=True)
@@ -221,9 +261,21 @@ class PackedCodec(Codec):
     def detect(self, specs, metadata) -> bool:
         return is_packed(metadata)
 
-    def decode(self, specs, reader, metadata, config, path) -> Decoded:
+    def expanded_bytes(self, specs, metadata, config, path) -> int:
+        d = read_description(
+            metadata[METADATA_KEY], r=config.r, num_vectors=config.num_vectors,
+            vector_length=config.vector_length, topk=config.topk, source=str(path),
+        )  # fmt: skip
+        counts = dict(num_vectors=config.num_vectors, vector_length=config.vector_length, topk=config.topk)
+        others = sum(spec.nbytes for key, spec in specs.items() if key not in d.expected)
+        return unpacked_bytes(d, **counts) + others
+
+    def decode_tensors(self, specs, reader, metadata, config, path) -> Decoded:
         """Unpack the (small) file into PEFT's top-k tensors in memory."""
-        stored = {key: reader(key) for key in specs}
+        return self.unpack({key: reader(key) for key in specs}, metadata, config, path)
+
+    def unpack(self, stored: dict[str, torch.Tensor], metadata, config, path) -> Decoded:
+        """:meth:`decode_tensors` of tensors already in memory (the compressed form's, once decompressed)."""
         modules, tensors, packing = unpack_topk(
             stored, metadata, r=config.r, num_vectors=config.num_vectors, vector_length=config.vector_length,
             topk=config.topk, source=str(path),

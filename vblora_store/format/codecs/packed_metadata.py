@@ -18,9 +18,10 @@ from typing import Optional
 import torch
 
 from ...choices import BankDtype, WeightsDtype
-from ...dtypes import DTYPES, DType, by_name, name_of
+from ...dtypes import DType, by_name, name_of
 from ...errors import InvalidAdapterError
 from ..bitpack import bits_for, packed_size
+from .checks import integer
 from .precision import bank_layout, weights_layout
 
 __all__ = [
@@ -34,6 +35,8 @@ __all__ = [
     "rounded_from",
     "describe",
     "read_description",
+    "check_version",
+    "RESTORE_DTYPES",
 ]
 
 FORMAT_NAME = "vblora-packed"
@@ -42,6 +45,9 @@ INDICES = "vblora_packed.indices"
 # One metadata key holding canonical JSON: safetensors writes metadata keys in
 # hash order, so several keys would make the bytes differ from run to run.
 METADATA_KEY = "vblora_store.packed"
+#: The dtypes PEFT's top-k weights and bank can be given back in: the floating dtypes a VB-LoRA adapter is
+#: trained and saved in (float8 is a storage choice, never an adapter's own dtype).
+RESTORE_DTYPES = ("float64", "float32", "float16", "bfloat16")
 
 
 def is_packed(metadata: dict | None) -> bool:
@@ -156,32 +162,32 @@ def read_description(
 
     try:
         description = json.loads(text)
+        if not isinstance(description, dict):
+            raise TypeError(f"the metadata is a JSON {type(description).__name__}, not an object")
         if description["format"] != FORMAT_NAME:
             raise ValueError(f"format is {description['format']!r}")
         version = description["version"]
-        bits = int(description["index_bits"])
+        fields = {name: description[name] for name in ("index_bits", "num_slots", "modules")}
         weights_dtype = WeightsDtype(description["weights_dtype"])
         bank_dtype = BankDtype(description["bank_dtype"])
         restore = {field: description[field] for field in ("restore_weights_dtype", "restore_bank_dtype")}
-        modules = [(str(name), int(n_in), int(n_out)) for name, n_in, n_out in description["modules"]]
-    except (KeyError, ValueError, TypeError, OverflowError, RecursionError) as e:
+    except (KeyError, ValueError, TypeError, RecursionError) as e:
         raise bad(f"metadata is incomplete or malformed ({type(e).__name__}: {e})") from e
-    if version != FORMAT_VERSION:
-        raise InvalidAdapterError(
-            f"{source}: packed format version {version}; this vblora_store reads version {FORMAT_VERSION}. "
-            "Upgrade vblora_store."
-        )
+    check_version("packed", version, FORMAT_VERSION, source)
     restore_weights, restore_bank = (_restore_dtype(field, name, bad) for field, name in restore.items())
+    bits = integer(fields["index_bits"], "index_bits", bad, minimum=1)
     if bits != bits_for(num_vectors):
         raise bad(f"index_bits is {bits} but num_vectors={num_vectors} needs {bits_for(num_vectors)}")
+    modules = _module_table(fields["modules"], bad)
     shapes = []
     for name, n_in, n_out in modules:
-        if n_in <= 0 or n_out <= 0 or n_in % vector_length or n_out % vector_length:
-            raise bad(
-                f"module {name!r} has features {n_in}x{n_out}, not positive multiples of {vector_length}"
-            )
+        if n_in % vector_length or n_out % vector_length:
+            raise bad(f"module {name!r} has features {n_in}x{n_out}, not multiples of {vector_length}")
         shapes += [(name, "A", (r, n_in // vector_length)), (name, "B", (n_out // vector_length, r))]
     slots = sum(a * b for _, _, (a, b) in shapes)
+    declared_slots = integer(fields["num_slots"], "num_slots", bad)
+    if declared_slots != slots:
+        raise bad(f"num_slots is {declared_slots} but its module table (r={r}) gives {slots}")
     expected = {INDICES: (torch.uint8, (packed_size(slots * topk, bits),))}
     expected.update(weights_layout(weights_dtype, slots, topk))
     expected.update(bank_layout(bank_dtype, num_vectors, vector_length))
@@ -189,13 +195,40 @@ def read_description(
     return Description(packing, restore_weights, restore_bank, modules, shapes, slots, expected)
 
 
+def check_version(form: str, version: object, known: str, source: str) -> None:
+    """Refuse a ``version`` other than ``known`` (a JSON string): an unknown one asks for an upgrade."""
+    if version == known:
+        return
+    if not isinstance(version, str):
+        raise InvalidAdapterError(
+            f"{source}: {form} form: version is {json.dumps(version)}, not a string such as "
+            f"{json.dumps(known)}; the file is damaged or not ours, fetch it again."
+        )
+    raise InvalidAdapterError(
+        f"{source}: {form} format version {version!r}; this vblora_store reads version {known!r}. "
+        "Upgrade vblora_store."
+    )
+
+
+def _module_table(table: object, bad) -> list[tuple[str, int, int]]:
+    """The metadata's module table checked: ``[name, in, out]`` rows, names unique strings, features positive."""
+    if not isinstance(table, list) or not table:
+        raise bad(f"modules is {type(table).__name__} {table!r:.60}, not a non-empty list of [name, in, out]")
+    modules, seen = [], set()
+    for row in table:
+        if not isinstance(row, list) or len(row) != 3 or not isinstance(row[0], str) or not row[0]:
+            raise bad(f"module table row {row!r:.80} is not [name, in_features, out_features] with a name string")
+        name = row[0]
+        if name in seen:
+            raise bad(f"module {name!r} is listed twice in the module table")
+        seen.add(name)
+        n_in, n_out = (integer(v, f"module {name!r} {what}", bad, minimum=1) for v, what in zip(row[1:], ("in_features", "out_features")))
+        modules.append((name, n_in, n_out))
+    return modules
+
+
 def _restore_dtype(field: str, name: object, bad) -> DType:
-    """The dtype the metadata's ``field`` names: any floating dtype of :mod:`vblora_store.dtypes`."""
-    try:
-        dtype = by_name(name) if isinstance(name, str) else None
-    except KeyError:
-        dtype = None
-    if dtype is None or not dtype.floating:
-        known = ", ".join(d.name for d in DTYPES if d.floating)
-        raise bad(f"{field} is {name!r}, not a floating dtype ({known})")
-    return dtype
+    """The dtype the metadata's ``field`` names: one the encoder writes (:data:`RESTORE_DTYPES`)."""
+    if name not in RESTORE_DTYPES:
+        raise bad(f"{field} is {name!r}, not one of {', '.join(RESTORE_DTYPES)}")
+    return by_name(name)

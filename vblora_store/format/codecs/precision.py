@@ -21,6 +21,9 @@ converted from.
 
 from __future__ import annotations
 
+import math
+from typing import Callable
+
 import torch
 
 from ...choices import BankDtype, WeightsDtype
@@ -38,6 +41,7 @@ __all__ = [
     "decode_bank",
     "encode_weights",
     "decode_weights",
+    "weights_tolerance",
     "bank_bits",
     "weights_bits",
 ]
@@ -54,6 +58,14 @@ _SCALED = {
     BankDtype.FLOAT8_E4M3: (448, None),
 }
 _FIXED_BITS = {WeightsDtype.FIXED16: 16, WeightsDtype.FIXED8: 8}
+#: One rounding of a weight in ``[0, 1]`` stored at each precision (its spacing just below 1).
+_ROUNDING = {
+    WeightsDtype.FLOAT32: 2.0**-24,
+    WeightsDtype.FLOAT16: 2.0**-11,
+    WeightsDtype.BFLOAT16: 2.0**-8,
+    WeightsDtype.FIXED16: 1 / 65535,
+    WeightsDtype.FIXED8: 1 / 255,
+}
 
 
 def _dtype(choice):
@@ -110,15 +122,38 @@ def encode_bank(bank: torch.Tensor, dtype: BankDtype) -> dict[str, torch.Tensor]
     return {BANK: code, BANK_SCALE: scale}
 
 
-def decode_bank(stored: dict[str, torch.Tensor], dtype: BankDtype, shape: tuple[int, int]) -> torch.Tensor:
-    """The ``(N, L)`` float32 bank back from :func:`encode_bank`'s tensors."""
+def decode_bank(
+    stored: dict[str, torch.Tensor], dtype: BankDtype, shape: tuple[int, int], *, bad: Callable = ValueError
+) -> torch.Tensor:
+    """The ``(N, L)`` float32 bank back from :func:`encode_bank`'s tensors, every stored value checked.
+
+    Raises:
+        ``bad(message)`` (default ``ValueError``): a code outside what :func:`encode_bank` writes (int8
+        -128, int4 0, float8 NaN), a scale that is not finite and positive, a float value not finite.
+    """
     code = stored[BANK]
     if dtype not in _SCALED:
-        return code.float()
+        return _finite(code.float(), "the bank", bad)
+    scale = stored[BANK_SCALE]
+    if scale.numel() and not (float(scale.min()) > 0 and bool(torch.isfinite(scale).all())):
+        raise bad("the bank's scales are not all finite and positive")
+    top, _ = _SCALED[dtype]
     if dtype is BankDtype.INT4:
         count = shape[0] * shape[1]
         code = (unpack(code, _INT4_BITS, count) - _INT4_OFFSET).reshape(shape)  # (bytes,) -> (N, L)
-    return code.float() * stored[BANK_SCALE].unsqueeze(1)  # (N, L) * (N, 1)
+    values = _finite(code.float(), "the bank's codes", bad)
+    if values.numel() and float(values.abs().max()) > top:
+        raise bad(f"the {dtype.value} bank holds a code outside [-{top}, {top}]")
+    return values * scale.unsqueeze(1)  # (N, L) * (N, 1)
+
+
+def _finite(values: torch.Tensor, what: str, bad: Callable) -> torch.Tensor:
+    """``values`` if every one is finite (one ``aminmax`` pass: NaN and infinities reach its bounds)."""
+    if values.numel():
+        low, high = torch.aminmax(values)
+        if not bool(torch.isfinite(low) & torch.isfinite(high)):
+            raise bad(f"{what} holds NaN or infinite values")
+    return values
 
 
 def encode_weights(weights: torch.Tensor, dtype: WeightsDtype) -> dict[str, torch.Tensor]:
@@ -136,15 +171,39 @@ def encode_weights(weights: torch.Tensor, dtype: WeightsDtype) -> dict[str, torc
     return {WEIGHTS: code.to(torch.int32).to(stored), WEIGHTS_RANGE: ends}
 
 
-def decode_weights(stored: dict[str, torch.Tensor], dtype: WeightsDtype) -> torch.Tensor:
-    """The float32 weights back from :func:`encode_weights`'s tensors."""
+def decode_weights(
+    stored: dict[str, torch.Tensor], dtype: WeightsDtype, *, bad: Callable = ValueError
+) -> torch.Tensor:
+    """The float32 weights back from :func:`encode_weights`'s tensors, the fixed-point range checked.
+
+    Raises:
+        ``bad(message)`` (default ``ValueError``): a range that is not finite with ``0 <= lo <= hi <= 1``,
+        or, for equal ends, a code other than 0 (the encoder writes no other).
+    """
     code = stored[WEIGHTS]
     if dtype not in _FIXED_BITS:
         return code.float()
     levels = (1 << _FIXED_BITS[dtype]) - 1
     low, high = (float(v) for v in stored[WEIGHTS_RANGE].double())
+    if not (math.isfinite(low) and math.isfinite(high) and 0 <= low <= high <= 1):
+        raise bad(f"weights_range is [{low:g}, {high:g}], not finite with 0 <= lo <= hi <= 1")
+    if high == low and code.numel() and int(code.to(torch.int32).max()) != 0:
+        raise bad("the weights' range is a single value but a code is not 0")
     span = high - low if high > low else 1.0
     return (low + code.to(torch.float64) / levels * span).float()
+
+
+def weights_tolerance(dtype: WeightsDtype, topk: int) -> float:
+    """How far above 1 a row of ``k - 1`` weights stored at ``dtype`` may sum: ``(k - 1)`` times one rounding.
+
+    One rounding is the spacing of the stored values just below 1 (:data:`_ROUNDING`): float32 2^-24,
+    float16 2^-11, bfloat16 2^-8, fixed16 1/65535, fixed8 1/255 (the range's whole span at most).
+
+    Example:
+        >>> weights_tolerance(WeightsDtype.FIXED8, 3) == 2 / 255
+        True
+    """
+    return max(topk - 1, 0) * _ROUNDING[dtype]
 
 
 def bank_bits(dtype: BankDtype, num_vectors: int, bank_params: int) -> int:

@@ -1,0 +1,100 @@
+"""What every codec checks while it decodes: numbers in metadata, the memory a file may expand to, weights.
+
+Files come from strangers.  A codec that decodes (the packed and compressed
+forms, any form registered later) reads numbers out of JSON metadata, allocates
+what they declare, and gives back values at a precision it rounded to.  The
+three rules for that live here, once:
+
+- :func:`integer`: a number meant as an integer is a JSON integer (never a
+  bool, a float such as ``4.0``, ``1e400`` or ``Infinity``, ``NaN`` or a
+  string), within its bounds.
+- :func:`check_expansion`: what decoding allocates is bounded by the file that
+  backs it, ``MAX_EXPANSION`` times its bytes plus ``EXPANSION_SLACK``
+  (:meth:`~vblora_store.format.codecs.base.Codec.decode` runs it before any
+  codec decodes a byte).
+- :func:`simplex_problem`: top-k weights are non-negative and each row sums to
+  at most 1, up to the rounding of the precision they were stored at.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Optional, Union
+
+import torch
+
+from ...errors import InvalidAdapterError
+
+__all__ = ["MAX_EXPANSION", "EXPANSION_SLACK", "integer", "check_expansion", "simplex_problem"]
+
+#: Largest ratio of the bytes decoding allocates to the bytes of the file: a packed file expands at most 24x
+#: (1-bit indices to uint8, an int4 bank to float64 with its float32 step), a compressed one's zstd planes at
+#: most 3x on real adapters (the mantissa bytes are noise); 64 leaves room for both.
+MAX_EXPANSION = 64
+#: Bytes any file may expand to whatever its size: a tiny adapter's planes can compress far better than 64x.
+EXPANSION_SLACK = 16 << 20
+#: The largest integer a metadata field may hold (what a shape or size could ever be).
+_LARGEST = (1 << 53) - 1
+
+
+def integer(
+    value: object, what: str, bad: Callable[[str], Exception], *, minimum: int = 0, maximum: int = _LARGEST
+) -> int:
+    """``value`` if it is a JSON integer in ``[minimum, maximum]`` (at most ``2**53 - 1``), else ``bad(...)``.
+
+    Example:
+        >>> integer(3, "index_bits", ValueError)
+        3
+        >>> integer(6.5, "index_bits", ValueError)
+        Traceback (most recent call last):
+        ValueError: index_bits is 6.5, not an integer from 0 to 9007199254740991
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
+        raise bad(f"{what} is {value!r}, not an integer from {minimum} to {maximum}")
+    return value
+
+
+def check_expansion(expanded: int, path: Union[str, Path], file_bytes: Optional[int] = None) -> None:
+    """Refuse a file whose decoding would allocate more than it can back.
+
+    Args:
+        expanded: Bytes decoding ``path`` allocates, computed from its header alone.
+        path: The weights file.
+        file_bytes: Its size (default: read from the file system).
+
+    Raises:
+        InvalidAdapterError: ``expanded`` exceeds ``MAX_EXPANSION * file_bytes + EXPANSION_SLACK``.
+    """
+    if file_bytes is None:
+        file_bytes = Path(path).stat().st_size
+    limit = MAX_EXPANSION * file_bytes + EXPANSION_SLACK
+    if expanded > limit:
+        raise InvalidAdapterError(
+            f"{path}: declares {expanded:,} bytes of decoded data, more than its {file_bytes:,} bytes can hold "
+            f"(at most {limit:,}: {MAX_EXPANSION}x the file plus {EXPANSION_SLACK >> 20} MiB); the file is forged "
+            "or damaged, fetch it again."
+        )
+
+
+def simplex_problem(weights: torch.Tensor, tolerance: float) -> Optional[str]:
+    """What keeps top-k ``weights`` (``(..., k - 1)``) off the simplex beyond ``tolerance``, or ``None``.
+
+    Each weight must be non-negative and finite, and each row's sum at most ``1 + tolerance`` (PEFT
+    recovers the last weight as ``1 - sum``).
+
+    Example:
+        >>> simplex_problem(torch.tensor([[0.5, 0.4]]), 0.0) is None, simplex_problem(torch.tensor([[2.0]]), 0.01)
+        (True, 'has a row summing to 2, above 1 + 0.01')
+    """
+    if weights.numel() == 0:
+        return None
+    values = weights.double()
+    low, high = torch.aminmax(values)
+    if not bool(torch.isfinite(low) & torch.isfinite(high)):
+        return "holds NaN or infinite weights"
+    if float(low) < 0:
+        return f"holds a negative weight ({float(low):.6g})"
+    largest = float(values.sum(-1).max())
+    if largest > 1 + tolerance:
+        return f"has a row summing to {largest:.6g}, above 1 + {tolerance:.3g}"
+    return None
