@@ -21,7 +21,7 @@ from conftest_engine import BASE_KWARGS, inputs, peft_load, tiny_gpt2, tiny_llam
 
 from vblora_store import convert
 from vblora_store.engine import VBLoRAModel
-from vblora_store.errors import AdapterNamesError
+from vblora_store.errors import AdapterNamesError, InvalidArgumentError
 
 DEVICE = os.environ.get("VBLORA_TEST_DEVICE", "cpu")
 ATOL = 1e-5
@@ -229,12 +229,18 @@ def test_factor_cache_bound_evicts_the_least_recently_used(llama_adapters):
         run(model, ids.repeat(3, 1), adapter_names=["a", "b", "c"])
     model.max_cached_factors = 1
     assert model.factor_cache.resident == ["c"]
+    stacks = [layer.factor_slots for layer in model.factor_cache.layers]
+    assert {s.a.shape[0] for s in stacks} == {2} and model.factor_cache.num_slots == 2  # shrunk: "c" and zeros
+    model.set_adapter("c")
+    assert torch.allclose(run(model, ids), alone["c"], atol=ATOL)  # "c" moved to slot 1, still built
+    assert model.factor_cache.stats.evictions == 3  # "b" in the batch of three, then "a": no rebuild of "c"
     model.max_cached_factors = None
     three = run(model, ids.repeat(3, 1), adapter_names=["a", "b", "c"])
     for row, name in enumerate("abc"):
         assert torch.allclose(three[row], alone[name][0], atol=ATOL)
-    with pytest.raises(ValueError, match="positive integer"):
-        model.max_cached_factors = 0
+    for value in (0, True, "3", 2.0):
+        with pytest.raises(InvalidArgumentError, match="positive integer"):
+            model.max_cached_factors = value
 
 
 def test_editing_an_adapter_in_place_rebuilds_its_factors(llama_adapters):

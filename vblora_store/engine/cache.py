@@ -9,8 +9,9 @@ always zeros: the rows of a batch that use no adapter point at it.
 
 The cache maps adapter names to slots.  With a ``capacity``, at most that many
 adapters have factors built at once: asking for another evicts the least
-recently used one that the current batch does not need.  Without one, the
-stacks grow as adapters are run.  Building or evicting one adapter writes its
+recently used one that the current batch does not need; lowering it evicts
+down to it and shrinks the stacks to match.  Without one, the stacks grow as
+adapters are run.  Building or evicting one adapter writes its
 own slot and nothing else.
 """
 
@@ -20,7 +21,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
-from ..errors import AdapterNamesError
+from ..errors import AdapterNamesError, InvalidArgumentError
 
 __all__ = ["CacheStats", "FactorCache"]
 
@@ -68,10 +69,22 @@ class FactorCache:
     @capacity.setter
     def capacity(self, value: Optional[int]) -> None:
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f"max_cached_factors must be a positive integer or None, got {value!r}.")
+            raise InvalidArgumentError(
+                f"max_cached_factors must be a positive integer or None, got {value!r}; pass, say, 8."
+            )
         self._capacity = value
-        while value is not None and len(self._slots) > value:
-            self._evict(keep=())
+        if value is not None:
+            while len(self._slots) > value:
+                self._evict(keep=())
+            self._compact()
+
+    def _compact(self) -> None:
+        """Renumber the built adapters ``1..n`` (in slot order) and shrink every layer's stacks to ``n + 1``."""
+        moves = {old: new for new, old in enumerate(sorted(self._slots.values()), start=1)}
+        for layer in self.layers:
+            layer.factor_slots.shrink(moves)
+        self._slots = OrderedDict((adapter, moves[slot]) for adapter, slot in self._slots.items())
+        self._free, self._next_slot = [], len(moves) + 1
 
     @property
     def resident(self) -> list[str]:

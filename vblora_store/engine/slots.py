@@ -92,6 +92,20 @@ class FactorSlots(nn.Module):
         self._held += [0] * (slots - len(self._held))
         self._ptr = a.data_ptr()
 
+    def shrink(self, moves: dict[int, int]) -> None:
+        """Keep only the slots in ``moves`` (old slot -> new slot), reallocated to ``len(moves) + 1`` slots."""
+        old, new = list(moves), list(moves.values())
+        with torch.inference_mode(False), torch.no_grad():
+            a = self.a.new_zeros((len(moves) + 1, *self.a.shape[1:]))
+            bt = self.bt.new_zeros((len(moves) + 1, *self.bt.shape[1:]))
+            ranks = self.ranks.new_zeros((len(moves) + 1,))
+            a[new], bt[new], ranks[new] = self.a[old], self.bt[old], self.ranks[old]
+        self.a, self.bt, self.ranks = a, bt, ranks
+        keys, held = [None] * (len(moves) + 1), [0] * (len(moves) + 1)
+        for source, target in moves.items():
+            keys[target], held[target] = self._keys[source], self._held[source]
+        self._keys, self._held, self._ptr = keys, held, a.data_ptr()
+
     def store(self, slot: int, a: torch.Tensor, bt: torch.Tensor, key: object) -> None:
         """Write A ``(r, in)`` and B transposed ``(r, out)`` into ``slot`` (cast to the stacks' dtype)."""
         r = a.shape[0]
