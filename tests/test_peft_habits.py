@@ -358,6 +358,25 @@ def test_plot_into_proc_and_stdout_on_dev_full_are_plain_lines(single_copy):
     _one_line_error(result, "cannot write standard output", "no space left on device")
 
 
+@pytest.mark.parametrize("max_error", [None, "0"])
+def test_convert_whose_report_cannot_be_printed_writes_nothing(single_copy, tmp_path, max_error):
+    """Exit 2 means nothing written: the report is printed before the destination appears."""
+    import subprocess
+    import sys
+
+    from conftest import leftovers
+
+    dst = tmp_path / "out" / "packed"
+    extra = [] if max_error is None else ["--max-error", max_error]
+    with open("/dev/full", "w") as full:
+        result = subprocess.run(
+            [sys.executable, "-m", "vblora_store", "convert", str(single_copy), str(dst), "--to", "packed", *extra],
+            stdout=full, stderr=subprocess.PIPE, text=True, timeout=120,
+        )  # fmt: skip
+    _one_line_error(result, "cannot write standard output", "no space left on device")
+    assert not dst.exists() and leftovers(dst.parent) == []
+
+
 # -- usage --------------------------------------------------------------------------------------------
 
 

@@ -18,7 +18,7 @@ from typing import Optional
 import click
 
 from .choices import BankDtype, MergeDtype, StorageForm, WeightsDtype
-from .cli_support import Group, Number, emit, enum_option, format_option, sources
+from .cli_support import Group, Number, emit, enum_option, format_option, print_now, sources
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -105,7 +105,7 @@ def convert_cmd(
         raise click.UsageError("--jobs applies to --recursive conversions only.")
     from .accounting import account
     from .batch import convert_tree
-    from .format import convert, read_adapters
+    from .format import convert
     from .precision import convert_choosing
     from .report import build_report
 
@@ -119,12 +119,18 @@ def convert_cmd(
         for item in result.failed:
             click.echo(f"error: {item.src}: {item.error}", err=True)
         emit(result, fmt)
+    reports = []
+
+    def show(written) -> None:  # before DST appears: a report that cannot be printed leaves no DST
+        reports.append(build_report([account(a) for a in written]))
+        print_now(reports[0].render(fmt))
+
     if max_error is None:
-        convert(src, dst, **options)
+        convert(src, dst, before_commit=show, **options)
     else:
-        for choice in convert_choosing(src, dst, max_error=max_error, **options):
+        for choice in convert_choosing(src, dst, max_error=max_error, before_commit=show, **options):
             click.echo(f"chose {choice.describe()} <= {max_error:g}", err=True)
-    emit(build_report([account(a) for a in read_adapters(dst)]), fmt)
+    sys.exit(reports[0].exit_code)
 
 
 def _batch_progress(fmt: str):

@@ -17,10 +17,10 @@ from typing import Optional
 import click
 
 from .choices import ReportFormat
-from .errors import VBLoRAStoreError, os_problem
+from .errors import VBLoRAStoreError, WriteError, os_problem
 from .results import EXIT_BAD_INPUT, EXIT_OK
 
-__all__ = ["Group", "Number", "Choice", "enum_option", "format_option", "sources", "emit"]
+__all__ = ["Group", "Number", "Choice", "enum_option", "format_option", "sources", "emit", "print_now"]
 
 
 #: click >= 8.2 raises this UsageError, whose message is the whole help, for a bare group; older click
@@ -162,6 +162,18 @@ def format_option(command):
     return enum_option("--format", ReportFormat, ReportFormat.TEXT, "How to print the result.", "fmt")(
         command
     )
+
+
+def print_now(text: str) -> None:
+    """Print ``text`` on stdout and flush it, so a stdout that cannot take it fails here, as a ``WriteError``."""
+    try:
+        click.echo(text)
+        sys.stdout.flush()
+    except OSError as e:
+        problem = os_problem(e)
+        if problem is None:
+            raise
+        raise WriteError(problem.message("write", "standard output")) from e
 
 
 def emit(result, fmt: str) -> None:

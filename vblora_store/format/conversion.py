@@ -111,6 +111,7 @@ def convert(
     revision: Optional[str] = None,
     subfolder: Optional[str] = None,
     precision: Optional[Callable[[StoredAdapter], dict]] = None,
+    before_commit: Optional[Callable[[list[StoredAdapter]], None]] = None,
 ) -> list[StoredAdapter]:
     """Convert every adapter of the folder ``src`` into ``dst``, atomically.
 
@@ -129,6 +130,9 @@ def convert(
         revision, subfolder: Of a repo id (or a sub-folder of a local ``src``).
         precision: Gives each adapter its ``weights_dtype`` and ``bank_dtype``
             (:func:`vblora_store.precision.convert` chooses them by measured error).
+        before_commit: Called with the converted adapters, read back (each ``folder`` where it will
+            be), before ``dst`` appears; if it raises, nothing is written (the command line prints its
+            report here, so a report that cannot be printed leaves no destination behind).
 
     Returns:
         The adapters as read from ``src``.
@@ -150,4 +154,7 @@ def convert(
             config, tensors, metadata = convert_tensors(adapter, to, **chosen)
             write_adapter(work if adapter.folder == src else work / adapter.name, config, tensors, metadata)
             del tensors
+        if before_commit is not None:
+            written = read_adapters(work)
+            before_commit([dataclasses.replace(a, folder=Path(dst) / a.folder.relative_to(work)) for a in written])
     return adapters
