@@ -140,6 +140,11 @@ def test_any_float_dtype_round_trips_through_the_packed_forms(tmp_path, form, dt
         assert precision == "weights float32, bank float32 (rounded from float64)"
         report = json.loads(run_cli("report", tmp_path / form, "--format", "json").stdout)["adapters"][0]
         assert report["precision"] == precision
+        # and the report of the float64 source says what the packed forms would round
+        text = run_cli("report", full).stdout
+        would = [line for line in text.splitlines() if line.lstrip().startswith(("packed form", "compressed"))]
+        assert len(would) == 2 and all("float64 rounded to float32" in line for line in would), text
+        assert "lossless" not in "".join(would)
 
 
 def test_max_error_measures_the_rounding_of_a_float64_adapter(tmp_path):

@@ -12,8 +12,11 @@ adapter of a model).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
+from .dtypes import name_of
 from .format.codecs.base import FormCounts
+from .format.codecs.packed_metadata import rounded_from
 from .format.stored import StoredAdapter
 from .storage_forms import StorageForm
 
@@ -56,6 +59,7 @@ class AdapterAccount:
     form_bytes: dict[str, int]  # tensor bytes each registered form stores (lossless), by form name
     precision: str  # "lossless", or the lossy packed dtypes, e.g. "weights float16, bank int8"
     by_module_type: list[ModuleTypeCount] = field(default_factory=list)
+    rounded_from: Optional[str] = None  # the adapter's dtype wider than float32 ("float64"), else None
 
     def __getattr__(self, name: str) -> int:
         """``<form>_vblora_params``: what that registered form would store (``full_vblora_params``, ...)."""
@@ -123,4 +127,11 @@ def account(adapter: StoredAdapter) -> AdapterAccount:
         form_bytes={form.value: form.codec.data_bytes(counts) for form in StorageForm},
         precision=codec.precision(adapter.packing),
         by_module_type=[ModuleTypeCount(t, *v) for t, v in sorted(types.items())],
+        rounded_from=rounded_from(
+            *(
+                name_of(spec.dtype)
+                for key, spec in adapter.specs.items()
+                if spec.dtype.is_floating_point and key not in adapter.other_keys
+            )
+        ),
     )

@@ -145,7 +145,7 @@ def _text(report: Report) -> str:
             f"  precision             {acc.precision:>15}",
             *[
                 f"  {form.codec.report_label:<21} {acc.form_params[form]:>15,}  "
-                f"({acc.form_bytes[form]:,} {form.codec.bytes_note})"
+                f"({acc.form_bytes[form]:,} {form.codec.bytes_note_for(acc.rounded_from)})"
                 for form in StorageForm
             ],
             f"  rank-{acc.r} LoRA stores   {acc.lora_params:>15,}",

@@ -144,6 +144,11 @@ class Codec:
         """Bytes of tensor data (headers aside) this form stores, lossless, float32 bank and weights."""
         raise NotImplementedError
 
+    def bytes_note_for(self, rounded_from: Optional[str] = None) -> str:
+        """:attr:`bytes_note` for an adapter whose dtype ``rounded_from`` (``"float64"``) this form would
+        round to float32 (``None``: none); a form that stores every dtype as it is ignores it."""
+        return self.bytes_note
+
     def precision(self, packing: Any = None) -> str:
         """``"lossless"``, or what a lossy packing keeps (``"weights float16, bank int8"``)."""
         return "lossless"

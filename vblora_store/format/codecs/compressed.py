@@ -304,6 +304,11 @@ class CompressedCodec(Codec):
     def data_bytes(self, counts: FormCounts) -> int:
         return PACKED.data_bytes(counts)
 
+    def bytes_note_for(self, rounded_from: Optional[str] = None) -> str:
+        if rounded_from is None:
+            return self.bytes_note
+        return self.bytes_note.replace("lossless", f"{rounded_from} rounded to float32")
+
     def precision(self, packing: Optional[Packing] = None) -> str:
         return PACKED.precision(packing)
 

@@ -17,7 +17,7 @@ and bank (the default) bit for bit.
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Optional
 
 import torch
 
@@ -305,6 +305,11 @@ class PackedCodec(Codec):
     def data_bytes(self, counts: FormCounts) -> int:
         floats = 4 * (counts.bank_params + counts.slots * (counts.topk - 1))
         return floats + packed_size(counts.slots * counts.topk, bits_for(counts.num_vectors))
+
+    def bytes_note_for(self, rounded_from: Optional[str] = None) -> str:
+        if rounded_from is None:
+            return self.bytes_note
+        return self.bytes_note.replace("lossless", f"{rounded_from} rounded to float32")
 
     def precision(self, packing: "Packing | None" = None) -> str:
         if packing is None or not packing.lossy:
