@@ -172,6 +172,20 @@ def test_export_lora_takes_a_repo_id(hub, tmp_path):
     assert snapshot(tmp_path / "from-hub") == snapshot(tmp_path / "local")
 
 
+def test_merge_downloads_only_the_adapter_it_merges(hub, tmp_path):
+    """A repo of several adapters: merge uses the root's (or --subfolder's) alone, and fetches only that."""
+    from conftest import tiny_llama
+
+    tiny_llama().save_pretrained(str(tmp_path / "base"))
+    _push(str(MULTI_FIXTURE), "acme/merge-multi", "--to", "packed")
+    result = run_cli("merge", tmp_path / "base", "acme/merge-multi", tmp_path / "merged")
+    assert result.exit_code == 0, result.output
+    assert _downloaded(hub) == ADAPTER_FILES
+    result = run_cli("merge", tmp_path / "base", "acme/merge-multi", tmp_path / "second", "--subfolder", "second")
+    assert result.exit_code == 0, result.output
+    assert _downloaded(hub) == ADAPTER_FILES | {f"second/{name}" for name in ADAPTER_FILES}
+
+
 def test_push_as_stored_uploads_exactly_the_folder_files(hub, multi_copy):
     (multi_copy / "notes.txt").write_text("not an adapter file")
     _push(str(multi_copy), "acme/as-stored")

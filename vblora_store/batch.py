@@ -29,6 +29,7 @@ from .format import StorageForm, check_destination
 from .precision import convert
 from .choices import BankDtype, WeightsDtype
 from .results import EXIT_BAD_INPUT, EXIT_OK, Result
+from .sources import resolve_source
 
 __all__ = ["BatchItem", "BatchResult", "find_adapter_roots", "convert_tree"]
 
@@ -129,6 +130,8 @@ def convert_tree(
     bank_dtype: Union[BankDtype, str, None] = None,
     max_error: Optional[float] = None,
     progress: Optional[Progress] = None,
+    revision: Optional[str] = None,
+    subfolder: Optional[str] = None,
 ) -> BatchResult:
     """Convert every adapter root under ``src_root`` into the same relative path under ``dst_root``.
 
@@ -141,6 +144,7 @@ def convert_tree(
         to, force, weights_dtype, bank_dtype, max_error: As for :func:`vblora_store.precision.convert`.
         jobs: Worker processes; 1 converts in this process.
         progress: Called after each adapter root, in completion order.
+        revision, subfolder: Of a Hub repo id given as ``src_root`` (or a sub-folder of a local one).
 
     Returns:
         The :class:`BatchResult`, items in discovery order.
@@ -154,7 +158,7 @@ def convert_tree(
         >>> len(result.converted), len(result.failed), result.exit_code
         (2, 0, 0)
     """
-    src_root, dst_root = Path(src_root), Path(dst_root)
+    src_root, dst_root = resolve_source(src_root, revision=revision, subfolder=subfolder), Path(dst_root)
     roots = find_adapter_roots(src_root)
     if not roots:
         raise AdapterNotFoundError(f"{src_root}: no {CONFIG_NAME} anywhere under it; check the path.")

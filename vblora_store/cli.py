@@ -35,7 +35,7 @@ def main(ctx: click.Context, debug: bool) -> None:
 @click.argument("path", type=click.Path(path_type=str))
 @format_option
 @click.option("--json", "as_json", is_flag=True, help="Same as --format json.")
-def inspect_cmd(path: str, fmt: str, as_json: bool) -> None:
+def inspect_cmd(path: str, fmt: str, as_json: bool, revision: Optional[str], subfolder: Optional[str]) -> None:
     """Show the form, config, adapted modules and tensors of the adapters in PATH."""
     from .format import read_adapters
     from .inspection import Inspection
@@ -43,7 +43,7 @@ def inspect_cmd(path: str, fmt: str, as_json: bool) -> None:
     given = click.get_current_context().get_parameter_source("fmt") is not click.core.ParameterSource.DEFAULT
     if as_json and given and fmt != "json":
         raise click.UsageError(f"--json is --format json; it cannot go with --format {fmt}")
-    emit(Inspection.of(read_adapters(path)), "json" if as_json else fmt)
+    emit(Inspection.of(read_adapters(path, revision=revision, subfolder=subfolder)), "json" if as_json else fmt)
 
 
 @main.command("convert")
@@ -95,6 +95,8 @@ def convert_cmd(
     recursive: bool,
     jobs: int,
     fmt: str,
+    revision: Optional[str],
+    subfolder: Optional[str],
 ) -> None:
     """Convert the adapters in SRC into DST (same layout), then print DST's report.
 
@@ -109,7 +111,7 @@ def convert_cmd(
     from .precision import convert_choosing
     from .report import build_report
 
-    options = dict(to=to, force=force)
+    options = dict(to=to, force=force, revision=revision, subfolder=subfolder)
     ctx = click.get_current_context()
     for name, value in (("weights_dtype", weights_dtype), ("bank_dtype", bank_dtype)):
         if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT:
@@ -173,6 +175,8 @@ def report_cmd(
     max_bytes: Optional[int],
     min_compression: Optional[float],
     plot: Optional[str],
+    revision: Optional[str],
+    subfolder: Optional[str],
 ) -> None:
     """Report sizes and float32-equivalent parameter counts of the adapters in PATHS."""
     from .accounting import account
@@ -180,7 +184,7 @@ def report_cmd(
     from .report import build_report
     from .usage import bank_usage, plot_usage
 
-    adapters = [a for path in paths for a in read_adapters(path)]
+    adapters = [a for path in paths for a in read_adapters(path, revision=revision, subfolder=subfolder)]
     report = build_report(
         [account(a) for a in adapters], max_bytes=max_bytes, min_compression=min_compression
     )
@@ -206,11 +210,11 @@ def report_cmd(
     help="Largest relative error allowed.",
 )
 @format_option
-def verify_cmd(a: str, b: str, tol: float, fmt: str) -> None:
+def verify_cmd(a: str, b: str, tol: float, fmt: str, revision: Optional[str], subfolder: Optional[str]) -> None:
     """Compare ΔW = B·A of every module of adapters A and B (any forms); exit 1 above --tol."""
     from .verify import verify_folders
 
-    emit(verify_folders(a, b, tol=tol), fmt)
+    emit(verify_folders(a, b, tol=tol, revision=revision, subfolder=subfolder), fmt)
 
 
 @main.command("push")
@@ -267,12 +271,14 @@ def push_cmd(
 @click.argument("dst", type=click.Path(path_type=str))
 @click.option("--force", is_flag=True, help="Replace DST if it exists.")
 @format_option
-def export_lora_cmd(src: str, dst: str, force: bool, fmt: str) -> None:
+def export_lora_cmd(
+    src: str, dst: str, force: bool, fmt: str, revision: Optional[str], subfolder: Optional[str]
+) -> None:
     """Write the adapters in SRC (any form) as exact PEFT LoRA adapters of the same rank into DST."""
     from .export import export_lora
     from .results import Summary
 
-    adapters = export_lora(src, dst, force=force)
+    adapters = export_lora(src, dst, force=force, revision=revision, subfolder=subfolder)
     lines = [f"{a.name}: {len(a.modules)} modules, r={a.config.r}, lora_alpha={a.config.r}" for a in adapters]
     facts = {a.name: {"modules": len(a.modules), "r": a.config.r, "lora_alpha": a.config.r} for a in adapters}
     emit(Summary("\n".join(lines + [f"wrote {dst}"]), {"adapters": facts, "dst": dst}), fmt)
@@ -288,12 +294,21 @@ def export_lora_cmd(src: str, dst: str, force: bool, fmt: str) -> None:
 )
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @format_option
-def merge_cmd(base_dir: str, adapter: str, out: str, dtype: str, force: bool, fmt: str) -> None:
+def merge_cmd(
+    base_dir: str,
+    adapter: str,
+    out: str,
+    dtype: str,
+    force: bool,
+    fmt: str,
+    revision: Optional[str],
+    subfolder: Optional[str],
+) -> None:
     """Merge the adapter in ADAPTER into the safetensors checkpoint BASE_DIR, writing the checkpoint OUT."""
     from .merge import merge
     from .results import Summary
 
-    summary = merge(base_dir, adapter, out, dtype=dtype, force=force)
+    summary = merge(base_dir, adapter, out, dtype=dtype, force=force, revision=revision, subfolder=subfolder)
     line = (
         f"merged {summary.merged_modules} modules, replaced {summary.replaced_tensors} tensors, "
         f"{summary.shards} shard(s): wrote {out}"

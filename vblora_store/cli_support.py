@@ -6,7 +6,6 @@ fails and prints.  Imports only click and torch-free modules.
 
 from __future__ import annotations
 
-import functools
 import inspect
 import math
 import os
@@ -87,29 +86,21 @@ def _fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
 def sources(*names: str):
     """Let the arguments ``names`` be Hub repo ids too: add ``--revision`` and ``--subfolder``.
 
-    Each value is replaced by the local folder :func:`vblora_store.hub.resolve_source` gives
-    (a local path that exists wins; a repo id is downloaded, adapter files only).
+    The command gets them as ``revision`` and ``subfolder`` and hands them, with the argument as
+    given, to the library call that reads it: that call resolves the source, once
+    (:func:`vblora_store.sources.resolve_source`: a local path that exists wins; a repo id is
+    downloaded, the adapter files it uses only).
     """
 
     def decorate(command):
-        @functools.wraps(command)
-        def wrapper(*args, revision: Optional[str], subfolder: Optional[str], **kwargs):
-            from .sources import resolve_source
-
-            resolve = functools.partial(resolve_source, revision=revision, subfolder=subfolder)
-            for name in names:
-                value = kwargs[name]
-                kwargs[name] = tuple(map(resolve, value)) if isinstance(value, tuple) else resolve(value)
-            return command(*args, **kwargs)
-
-        wrapper.__doc__ = (
+        command.__doc__ = (
             f"{inspect.cleandoc(command.__doc__)}\n\n{'/'.join(n.upper() for n in names)} may also be a Hub repo id "
             "(namespace/name); a local path that exists wins."
         )
         subfolder_help = "The adapter's folder inside each source (repo or local)."
-        wrapper = click.option("--subfolder", help=subfolder_help)(wrapper)
+        command = click.option("--subfolder", help=subfolder_help)(command)
         return click.option("--revision", help="Branch, tag or commit of Hub repo sources  [default: main]")(
-            wrapper
+            command
         )
 
     return decorate
