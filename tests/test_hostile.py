@@ -303,6 +303,23 @@ def bomb(folder: Path) -> Path:
     return folder
 
 
+def factor_bomb(folder: Path) -> Path:
+    """PEFT's own top-k form, one module of r = 2**14 slots a side and L = 2**16 (N = 2, k = 2): under 1 MB
+    on disk, but its dense factors A (r, in) and B (out, r) would take 16 GiB in float64."""
+    n, length, r, k = 2, 1 << 16, 1 << 14, 2
+    config = json.loads((SINGLE_FIXTURE / "adapter_config.json").read_text())
+    config.update(num_vectors=n, vector_length=length, r=r, topk=k, save_only_topk_weights=True)
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    prefix = "base_model.model.fc.vblora_logits_"
+    tensors = {"base_model.vblora_vector_bank": torch.zeros(n, length)}
+    for side, shape in (("A", (r, 1)), ("B", (1, r))):
+        tensors[f"{prefix}{side}_topk_indices"] = torch.tensor([0, 1], dtype=torch.uint8).repeat(*shape, 1)
+        tensors[f"{prefix}{side}_topk_weights"] = torch.full((*shape, k - 1), 0.5)
+    save_file(tensors, str(folder / WEIGHTS))
+    return folder
+
+
 #: Runs each command (JSON argv lists) in turn under RLIMIT_AS = (virtual memory after the imports) +
 #: HEADROOM, and prints their exit codes and stderr as JSON.
 LIMITED = """
@@ -329,9 +346,14 @@ print(json.dumps(results))
 """
 
 
-def test_a_decompression_bomb_is_refused_within_bounded_memory(sources, tmp_path):
-    adapter = bomb(tmp_path / "bomb")
-    assert adapter.joinpath(WEIGHTS).stat().st_size < 64 << 10
+@pytest.mark.parametrize(
+    "make, size, message",
+    [(bomb, 64 << 10, "bytes of decoded data"), (factor_bomb, 1 << 20, "bytes of dense factors for module 'fc'")],
+    ids=["zstd-bomb", "factor-bomb"],
+)
+def test_a_bomb_is_refused_within_bounded_memory(sources, tmp_path, make, size, message):
+    adapter = make(tmp_path / "bomb")
+    assert adapter.joinpath(WEIGHTS).stat().st_size < size
     before = snapshot(adapter)
     out = tmp_path / "out"
     runs = [("inspect", adapter), ("report", adapter), ("verify", sources["full"], adapter)]
@@ -346,6 +368,6 @@ def test_a_decompression_bomb_is_refused_within_bounded_memory(sources, tmp_path
     for args, (code, stderr) in zip(runs, json.loads(process.stdout)):
         lines = stderr.strip().splitlines()
         assert code == 2 and len(lines) == 1, (args, stderr[-2000:])
-        assert "bytes of decoded data" in lines[0] and "unexpected" not in lines[0], lines[0]
+        assert message in lines[0] and "unexpected" not in lines[0], lines[0]
     assert not out.exists() or leftovers(out) == []
     assert snapshot(adapter) == before

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 
 from conftest import SINGLE_FIXTURE, peft_logits, run_cli, snapshot
-from vblora_store.format import StorageForm, convert, read_adapters
+from vblora_store.format import StorageForm, convert, read_adapter, read_adapters
 from vblora_store.format.bitpack import bits_for, pack, packed_size, unpack
 from vblora_store.format.codecs.packed import _fit_simplex
 from vblora_store.topk import complete_weights
@@ -178,6 +178,20 @@ def test_verify_tol_0_fails_on_the_smallest_difference(tmp_path):
     changed = run_cli("verify", full, tmp_path / "b", "--tol", "0", "--format", "json")
     assert same.exit_code == 0 and changed.exit_code == 1, changed.stdout
     assert 0 < json.loads(changed.stdout)["max_rel_error"] < 1e-9
+
+
+def test_verify_builds_the_difference_a_block_of_rows_at_a_time(tmp_path, monkeypatch):
+    """Blocks of a few rows give the errors of the whole (out, in) difference: memory is one block."""
+    import vblora_store.verify as verify
+
+    convert(SINGLE_FIXTURE, tmp_path / "lossy", to="packed", bank_dtype="int4", weights_dtype="fixed8")
+    whole = verify.verify_adapters(read_adapter(SINGLE_FIXTURE), read_adapter(tmp_path / "lossy"))
+    monkeypatch.setattr(verify, "_BLOCK_VALUES", 100)  # a row or two of a 64-wide module per block
+    blocks = verify.verify_adapters(read_adapter(SINGLE_FIXTURE), read_adapter(tmp_path / "lossy"))
+    assert len(blocks.modules) == len(whole.modules)
+    for b, w in zip(blocks.modules, whole.modules):  # the same to float64's rounding (BLAS sums blocks apart)
+        assert b.max_abs_error == pytest.approx(w.max_abs_error, rel=1e-12) and b.max_abs_error > 0
+        assert b.rel_error == pytest.approx(w.rel_error, rel=1e-12) and b.rel_error > 0
 
 
 def test_multi_adapter_folder_packs_in_the_same_layout(multi_copy, tmp_path):

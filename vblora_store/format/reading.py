@@ -29,6 +29,7 @@ from ..folders import find_adapter_folders
 from ..sources import resolve_source
 from ..storage_forms import StorageForm
 from .keys import WEIGHTS_NAME, WEIGHTS_NAME_BIN
+from .codecs.checks import check_factors
 from .layout import validate_layout
 from .safety import check_link, check_zip_sizes
 from .stored import StoredAdapter, TensorSpec
@@ -101,6 +102,7 @@ def read_adapter(
     form = _detect(specs, metadata)
     decoded = form.codec.decode(specs, reader, metadata, config, path)
     has_logits, modules = validate_layout(decoded.specs, config, path)
+    check_factors(modules.values(), config.r, path)
     if has_logits != form.has_logits:
         raise InvalidAdapterError(
             f"{path}: its tensors do not fit the {form.value} form; the file is damaged."

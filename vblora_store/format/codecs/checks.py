@@ -11,7 +11,8 @@ three rules for that live here, once:
 - :func:`check_expansion`: what decoding allocates is bounded by the file that
   backs it, ``MAX_EXPANSION`` times its bytes plus ``EXPANSION_SLACK``
   (:meth:`~vblora_store.format.codecs.base.Codec.decode` runs it before any
-  codec decodes a byte).
+  codec decodes a byte); so are the dense factors of its largest module
+  (:func:`check_factors`, which reading runs on every form).
 - :func:`simplex_problem`: top-k weights are non-negative and each row sums to
   at most 1, up to the rounding of the precision they were stored at.
 """
@@ -19,13 +20,15 @@ three rules for that live here, once:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Callable, Iterable, Optional, Union
 
 import torch
 
 from ...errors import InvalidAdapterError
 
-__all__ = ["MAX_EXPANSION", "EXPANSION_SLACK", "integer", "check_expansion", "simplex_problem"]
+__all__ = [
+    "MAX_EXPANSION", "EXPANSION_SLACK", "integer", "check_expansion", "check_factors", "simplex_problem"
+]
 
 #: Largest ratio of the bytes decoding allocates to the bytes of the file: a packed file expands at most 24x
 #: (1-bit indices to uint8, an int4 bank to float64 with its float32 step), a compressed one's zstd planes at
@@ -33,6 +36,8 @@ __all__ = ["MAX_EXPANSION", "EXPANSION_SLACK", "integer", "check_expansion", "si
 MAX_EXPANSION = 64
 #: Bytes any file may expand to whatever its size: a tiny adapter's planes can compress far better than 64x.
 EXPANSION_SLACK = 16 << 20
+#: Bytes of one dense factor value as the widest builder makes it (float64, ``verify``).
+FACTOR_BYTES = 8
 #: The largest integer a metadata field may hold (what a shape or size could ever be).
 _LARGEST = (1 << 53) - 1
 
@@ -54,12 +59,15 @@ def integer(
     return value
 
 
-def check_expansion(expanded: int, path: Union[str, Path], file_bytes: Optional[int] = None) -> None:
+def check_expansion(
+    expanded: int, path: Union[str, Path], *, what: str = "bytes of decoded data", file_bytes: Optional[int] = None
+) -> None:
     """Refuse a file whose decoding would allocate more than it can back.
 
     Args:
         expanded: Bytes decoding ``path`` allocates, computed from its header alone.
         path: The weights file.
+        what: What the bytes are, as the message names them.
         file_bytes: Its size (default: read from the file system).
 
     Raises:
@@ -70,10 +78,23 @@ def check_expansion(expanded: int, path: Union[str, Path], file_bytes: Optional[
     limit = MAX_EXPANSION * file_bytes + EXPANSION_SLACK
     if expanded > limit:
         raise InvalidAdapterError(
-            f"{path}: declares {expanded:,} bytes of decoded data, more than its {file_bytes:,} bytes can hold "
+            f"{path}: declares {expanded:,} {what}, more than its {file_bytes:,} bytes can hold "
             f"(at most {limit:,}: {MAX_EXPANSION}x the file plus {EXPANSION_SLACK >> 20} MiB); the file is forged "
             "or damaged, fetch it again."
         )
+
+
+def check_factors(modules: Iterable, r: int, path: Union[str, Path]) -> None:
+    """Refuse a file whose largest module's dense factors would outgrow it (:func:`check_expansion`).
+
+    ``verify``, ``export-lora`` and the engine build each module's A ``(r, in)`` and B ``(out, r)``, in
+    float64 at most: ``8·r·(in + out)`` bytes.  A sub-vector slot holds k indices and k - 1 weights but
+    builds L values, so a file of few slots and a long L could declare factors of terabytes.
+    """
+    largest = max(modules, key=lambda m: m.in_features + m.out_features, default=None)
+    if largest is not None:
+        size = FACTOR_BYTES * r * (largest.in_features + largest.out_features)
+        check_expansion(size, path, what=f"bytes of dense factors for module {largest.name!r}")
 
 
 def simplex_problem(weights: torch.Tensor, tolerance: float) -> Optional[str]:
