@@ -11,8 +11,8 @@ three rules for that live here, once:
 - :func:`check_expansion`: what decoding allocates is bounded by the file that
   backs it, ``MAX_EXPANSION`` times its bytes plus ``EXPANSION_SLACK``
   (:meth:`~vblora_store.format.codecs.base.Codec.decode` runs it before any
-  codec decodes a byte); so are the dense factors of its largest module
-  (:func:`check_factors`, which reading runs on every form).
+  codec decodes a byte); so are the dense factors its modules build, at
+  ``FACTOR_EXPANSION`` times (:func:`check_factors`, which reading runs on every form).
 - :func:`simplex_problem`: top-k weights are non-negative and each row sums to
   at most 1, up to the rounding of the precision they were stored at.
 """
@@ -27,7 +27,7 @@ import torch
 from ...errors import InvalidAdapterError
 
 __all__ = [
-    "MAX_EXPANSION", "EXPANSION_SLACK", "integer", "check_expansion", "check_factors", "simplex_problem"
+    "MAX_EXPANSION", "FACTOR_EXPANSION", "EXPANSION_SLACK", "integer", "check_expansion", "check_factors", "simplex_problem"
 ]
 
 #: Largest ratio of the bytes decoding allocates to the bytes of the file: a packed file expands at most 24x
@@ -38,6 +38,10 @@ MAX_EXPANSION = 64
 EXPANSION_SLACK = 16 << 20
 #: Bytes of one dense factor value as the widest builder makes it (float64, ``verify``).
 FACTOR_BYTES = 8
+#: Largest ratio of the dense factors' float64 bytes to the file's.  A slot of a packed or compressed file
+#: takes 2 to 8 bytes and builds L float64 values: a Llama2-7B-shaped adapter (N=2048, L=256, r=4, k=2;
+#: 80 MB of factors) reaches about 200x packed with an int4 bank and fixed8 weights; 4096 leaves room.
+FACTOR_EXPANSION = 4096
 #: The largest integer a metadata field may hold (what a shape or size could ever be).
 _LARGEST = (1 << 53) - 1
 
@@ -60,41 +64,46 @@ def integer(
 
 
 def check_expansion(
-    expanded: int, path: Union[str, Path], *, what: str = "bytes of decoded data", file_bytes: Optional[int] = None
+    expanded: int,
+    path: Union[str, Path],
+    *,
+    what: str = "bytes of decoded data",
+    ratio: int = MAX_EXPANSION,
+    file_bytes: Optional[int] = None,
 ) -> None:
-    """Refuse a file whose decoding would allocate more than it can back.
+    """Refuse a file that declares more than it can back: at most ``ratio`` times its bytes plus the slack.
 
     Args:
-        expanded: Bytes decoding ``path`` allocates, computed from its header alone.
+        expanded: Bytes the file makes us allocate, computed from its header alone.
         path: The weights file.
         what: What the bytes are, as the message names them.
+        ratio: Bytes allowed per byte of the file.
         file_bytes: Its size (default: read from the file system).
 
     Raises:
-        InvalidAdapterError: ``expanded`` exceeds ``MAX_EXPANSION * file_bytes + EXPANSION_SLACK``.
+        InvalidAdapterError: ``expanded`` exceeds ``ratio * file_bytes + EXPANSION_SLACK``.
     """
     if file_bytes is None:
         file_bytes = Path(path).stat().st_size
-    limit = MAX_EXPANSION * file_bytes + EXPANSION_SLACK
+    limit = ratio * file_bytes + EXPANSION_SLACK
     if expanded > limit:
         raise InvalidAdapterError(
             f"{path}: declares {expanded:,} {what}, more than its {file_bytes:,} bytes can hold "
-            f"(at most {limit:,}: {MAX_EXPANSION}x the file plus {EXPANSION_SLACK >> 20} MiB); the file is forged "
+            f"(at most {limit:,}: {ratio}x the file plus {EXPANSION_SLACK >> 20} MiB); the file is forged "
             "or damaged, fetch it again."
         )
 
 
 def check_factors(modules: Iterable, r: int, path: Union[str, Path]) -> None:
-    """Refuse a file whose largest module's dense factors would outgrow it (:func:`check_expansion`).
+    """Refuse a file whose modules' dense factors would outgrow it beyond ``FACTOR_EXPANSION``.
 
-    ``verify``, ``export-lora`` and the engine build each module's A ``(r, in)`` and B ``(out, r)``, in
-    float64 at most: ``8·r·(in + out)`` bytes.  A sub-vector slot holds k indices and k - 1 weights but
-    builds L values, so a file of few slots and a long L could declare factors of terabytes.
+    ``export-lora`` builds every module's A ``(r, in)`` and B ``(out, r)`` (float32), ``verify`` and
+    the engine one module's at a time (float64 at most): ``8·r·(in + out)`` bytes summed over the
+    modules bounds them all.  A sub-vector slot stores k indices and k - 1 weights but builds L values,
+    so a file of few slots and a long L could declare terabytes of factors.
     """
-    largest = max(modules, key=lambda m: m.in_features + m.out_features, default=None)
-    if largest is not None:
-        size = FACTOR_BYTES * r * (largest.in_features + largest.out_features)
-        check_expansion(size, path, what=f"bytes of dense factors for module {largest.name!r}")
+    total = FACTOR_BYTES * r * sum(m.in_features + m.out_features for m in modules)
+    check_expansion(total, path, what="bytes of dense factors (float64)", ratio=FACTOR_EXPANSION)
 
 
 def simplex_problem(weights: torch.Tensor, tolerance: float) -> Optional[str]:
