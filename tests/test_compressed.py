@@ -147,7 +147,10 @@ def _no_checksum(tensors, description):
         (_flip_frame, "cannot be decompressed|gave|declares"),
         (_bomb, "declares 16777216 bytes, not"),
         (_no_checksum, "carries no checksum"),
-        (lambda t, d: d["tensors"]["vblora_packed.bank"]["planes"][0].__setitem__(0, 1), "but its planes declare"),
+        (
+            lambda t, d: d["tensors"]["vblora_packed.bank"]["planes"][0].__setitem__(0, 1),
+            "but its planes declare",
+        ),
         (lambda t, d: d["tensors"]["vblora_packed.bank"].__setitem__("shape", [64, 17]), "the config gives"),
         (
             lambda t, d: d["tensors"]["vblora_packed.bank"]["planes"][0].__setitem__(1, "lzma"),

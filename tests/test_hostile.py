@@ -70,7 +70,9 @@ def forged(source: Path, work: Path, change) -> Path:
     inner = json.loads(outer["packed"]) if key == compressed.METADATA_KEY else outer
     change(tensors, outer, inner)
     if key == compressed.METADATA_KEY:
-        outer["packed"] = json.dumps(inner, sort_keys=True, separators=(",", ":")).replace(f'"{BIG}"', "1e400")
+        outer["packed"] = json.dumps(inner, sort_keys=True, separators=(",", ":")).replace(
+            f'"{BIG}"', "1e400"
+        )
     metadata[key] = json.dumps(outer, sort_keys=True, separators=(",", ":")).replace(f'"{BIG}"', "1e400")
     save_file(tensors, str(folder / WEIGHTS), metadata=metadata)
     return folder
@@ -82,7 +84,10 @@ BANK, BLOB = "vblora_packed.bank", "vblora_compressed.vblora_packed.bank"
 
 
 def _set(path: str, value):
-    """A change setting ``outer`` or ``packed`` (first word) field ``path`` (``/``-separated; digits index lists)."""
+    """A change setting field ``path`` of ``outer`` or ``packed`` (its first word).
+
+    ``path`` is ``/``-separated; digits index lists.
+    """
     where, *keys = path.split("/")
 
     def change(tensors, outer, packed):
@@ -111,7 +116,9 @@ def _reframe(make):
         blob = tensors[BLOB].numpy().tobytes()
         frame = blob[start : start + size]
         new = make(frame, zstandard.ZstdDecompressor().decompress(frame))
-        tensors[BLOB] = torch.frombuffer(bytearray(blob[:start] + new + blob[start + size :]), dtype=torch.uint8)
+        tensors[BLOB] = torch.frombuffer(
+            bytearray(blob[:start] + new + blob[start + size :]), dtype=torch.uint8
+        )
         outer["tensors"][BANK]["planes"][index][0] = len(new)
 
     return change
@@ -180,7 +187,11 @@ CASES = {
     "restore-bank-float8-e4m3fn": (Z, _set("packed/restore_bank_dtype", "float8_e4m3fn"), "float8_e4m3fn"),
     "restore-bank-float8-e4m3": (F16, _set("packed/restore_bank_dtype", "float8_e4m3"), "float8_e4m3"),
     # a module twice
-    "duplicate-module": (Z, lambda t, o, p: p["modules"][1].__setitem__(0, p["modules"][0][0]), "listed twice"),
+    "duplicate-module": (
+        Z,
+        lambda t, o, p: p["modules"][1].__setitem__(0, p["modules"][0][0]),
+        "listed twice",
+    ),
     # frames: no content size, trailing bytes, a second frame
     "frame-no-content-size": (Z, _reframe(_no_content_size), "declares no content size"),
     "frame-trailing-bytes": (Z, _reframe(lambda frame, plane: frame + b"junk"), "followed by 4 more bytes"),
@@ -201,18 +212,50 @@ CASES = {
     "i8-blob": (Z, _i8_blob, "not a 1-D uint8 tensor"),
     # lossy values off the simplex, out of their range or width
     "f16-weight-50": (F16, _edit("vblora_packed.weights", lambda w: w[0].fill_(50.0)), "summing to 50"),
-    "f16-weight-negative": (F16, _edit("vblora_packed.weights", lambda w: w[0].fill_(-3.0)), "negative weight"),
+    "f16-weight-negative": (
+        F16,
+        _edit("vblora_packed.weights", lambda w: w[0].fill_(-3.0)),
+        "negative weight",
+    ),
     "f16-row-2": (F16, _edit("vblora_packed.weights", _row_to(2.0)), "summing to 2"),
     "f16-weight-nan": (F16, _edit("vblora_packed.weights", _row_to(math.nan)), "NaN"),
-    "fixed8-range-nan": (FIXED8, _edit("vblora_packed.weights_range", lambda r: r.__setitem__(1, math.nan)), "range"),
-    "fixed8-range-reversed": (FIXED8, _tensor("vblora_packed.weights_range", torch.tensor([1.0, 0.0])), "range"),
-    "fixed8-range-wide": (FIXED8, _tensor("vblora_packed.weights_range", torch.tensor([0.0, 1000.0])), "range"),
-    "fixed8-range-negative": (FIXED8, _tensor("vblora_packed.weights_range", torch.tensor([-5.0, -1.0])), "range"),
+    "fixed8-range-nan": (
+        FIXED8,
+        _edit("vblora_packed.weights_range", lambda r: r.__setitem__(1, math.nan)),
+        "range",
+    ),
+    "fixed8-range-reversed": (
+        FIXED8,
+        _tensor("vblora_packed.weights_range", torch.tensor([1.0, 0.0])),
+        "range",
+    ),
+    "fixed8-range-wide": (
+        FIXED8,
+        _tensor("vblora_packed.weights_range", torch.tensor([0.0, 1000.0])),
+        "range",
+    ),
+    "fixed8-range-negative": (
+        FIXED8,
+        _tensor("vblora_packed.weights_range", torch.tensor([-5.0, -1.0])),
+        "range",
+    ),
     "fixed16-k3-row-sum-2": ("packed-k3-fixed16", _row_of_ones, "summing to 2,"),
     "int4-code-0": ("packed-int4", _edit(BANK, lambda b: b.__setitem__(0, 0)), r"code outside \[-7, 7\]"),
-    "int8-code-128": ("packed-int8", _edit(BANK, lambda b: b.__setitem__((0, 0), -128)), r"outside \[-127, 127\]"),
-    "negative-scale": ("packed-int8", _edit("vblora_packed.bank_scale", lambda s: s.__setitem__(0, -1.0)), "scales"),
-    "nan-scale": ("packed-int4", _edit("vblora_packed.bank_scale", lambda s: s.__setitem__(0, math.nan)), "scales"),
+    "int8-code-128": (
+        "packed-int8",
+        _edit(BANK, lambda b: b.__setitem__((0, 0), -128)),
+        r"outside \[-127, 127\]",
+    ),
+    "negative-scale": (
+        "packed-int8",
+        _edit("vblora_packed.bank_scale", lambda s: s.__setitem__(0, -1.0)),
+        "scales",
+    ),
+    "nan-scale": (
+        "packed-int4",
+        _edit("vblora_packed.bank_scale", lambda s: s.__setitem__(0, math.nan)),
+        "scales",
+    ),
 }
 
 
@@ -277,9 +320,9 @@ def bomb(folder: Path) -> Path:
     frame = b"".join([*(stream.compress(bytes(1 << 20)) for _ in range(plane >> 20)), stream.flush()])
     slots = 2 * r
     packed = {
-        "bank_dtype": "float32", "format": "vblora-packed", "index_bits": 15, "modules": [["fc", length, length]],
-        "num_slots": slots, "restore_bank_dtype": "float32", "restore_weights_dtype": "float32", "version": "1",
-        "weights_dtype": "float32",
+        "bank_dtype": "float32", "format": "vblora-packed", "index_bits": 15,
+        "modules": [["fc", length, length]], "num_slots": slots, "restore_bank_dtype": "float32",
+        "restore_weights_dtype": "float32", "version": "1", "weights_dtype": "float32",
     }  # fmt: skip
     weights = torch.full((slots, k - 1), 0.5)
     weight_planes = [bytes(weights.view(torch.uint8).reshape(-1, 4)[:, j].tolist()) for j in range(4)]
@@ -288,7 +331,9 @@ def bomb(folder: Path) -> Path:
         "packed": json.dumps(packed, sort_keys=True, separators=(",", ":")),
         "tensors": {
             BANK: {"dtype": "F32", "shape": [n, length], "planes": [[len(frame), "zstd"]] * 4},
-            "vblora_packed.weights": {"dtype": "F32", "shape": [slots, k - 1], "planes": [[slots, "raw"]] * 4},
+            "vblora_packed.weights": {
+                "dtype": "F32", "shape": [slots, k - 1], "planes": [[slots, "raw"]] * 4
+            },
         },
     }  # fmt: skip
     tensors = {

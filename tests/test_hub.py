@@ -181,7 +181,9 @@ def test_merge_downloads_only_the_adapter_it_merges(hub, tmp_path):
     result = run_cli("merge", tmp_path / "base", "acme/merge-multi", tmp_path / "merged")
     assert result.exit_code == 0, result.output
     assert _downloaded(hub) == ADAPTER_FILES
-    result = run_cli("merge", tmp_path / "base", "acme/merge-multi", tmp_path / "second", "--subfolder", "second")
+    result = run_cli(
+        "merge", tmp_path / "base", "acme/merge-multi", tmp_path / "second", "--subfolder", "second"
+    )
     assert result.exit_code == 0, result.output
     assert _downloaded(hub) == ADAPTER_FILES | {f"second/{name}" for name in ADAPTER_FILES}
 

@@ -230,7 +230,9 @@ def test_factor_cache_bound_evicts_the_least_recently_used(llama_adapters):
     model.max_cached_factors = 1
     assert model.factor_cache.resident == ["c"]
     stacks = [layer.factor_slots for layer in model.factor_cache.layers]
-    assert {s.a.shape[0] for s in stacks} == {2} and model.factor_cache.num_slots == 2  # shrunk: "c" and zeros
+    assert {s.a.shape[0] for s in stacks} == {
+        2
+    } and model.factor_cache.num_slots == 2  # shrunk: "c" and zeros
     model.set_adapter("c")
     assert torch.allclose(run(model, ids), alone["c"], atol=ATOL)  # "c" moved to slot 1, still built
     assert model.factor_cache.stats.evictions == 3  # "b" in the batch of three, then "a": no rebuild of "c"

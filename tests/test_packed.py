@@ -142,7 +142,8 @@ def test_any_float_dtype_round_trips_through_the_packed_forms(tmp_path, form, dt
         assert report["precision"] == precision
         # and the report of the float64 source says what the packed forms would round
         text = run_cli("report", full).stdout
-        would = [line for line in text.splitlines() if line.lstrip().startswith(("packed form", "compressed"))]
+        lines = [line.lstrip() for line in text.splitlines()]
+        would = [line for line in lines if line.startswith(("packed form", "compressed"))]
         assert len(would) == 2 and all("float64 rounded to float32" in line for line in would), text
         assert "lossless" not in "".join(would)
 

@@ -370,7 +370,7 @@ def test_convert_whose_report_cannot_be_printed_writes_nothing(single_copy, tmp_
     extra = [] if max_error is None else ["--max-error", max_error]
     with open("/dev/full", "w") as full:
         result = subprocess.run(
-            [sys.executable, "-m", "vblora_store", "convert", str(single_copy), str(dst), "--to", "packed", *extra],
+            [sys.executable, "-m", "vblora_store", "convert", single_copy, dst, "--to", "packed", *extra],
             stdout=full, stderr=subprocess.PIPE, text=True, timeout=120,
         )  # fmt: skip
     _one_line_error(result, "cannot write standard output", "no space left on device")

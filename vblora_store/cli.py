@@ -35,7 +35,9 @@ def main(ctx: click.Context, debug: bool) -> None:
 @click.argument("path", type=click.Path(path_type=str))
 @format_option
 @click.option("--json", "as_json", is_flag=True, help="Same as --format json.")
-def inspect_cmd(path: str, fmt: str, as_json: bool, revision: Optional[str], subfolder: Optional[str]) -> None:
+def inspect_cmd(
+    path: str, fmt: str, as_json: bool, revision: Optional[str], subfolder: Optional[str]
+) -> None:
     """Show the form, config, adapted modules and tensors of the adapters in PATH."""
     from .format import read_adapters
     from .inspection import Inspection
@@ -43,7 +45,8 @@ def inspect_cmd(path: str, fmt: str, as_json: bool, revision: Optional[str], sub
     given = click.get_current_context().get_parameter_source("fmt") is not click.core.ParameterSource.DEFAULT
     if as_json and given and fmt != "json":
         raise click.UsageError(f"--json is --format json; it cannot go with --format {fmt}")
-    emit(Inspection.of(read_adapters(path, revision=revision, subfolder=subfolder)), "json" if as_json else fmt)
+    adapters = read_adapters(path, revision=revision, subfolder=subfolder)
+    emit(Inspection.of(adapters), "json" if as_json else fmt)
 
 
 @main.command("convert")
@@ -210,7 +213,9 @@ def report_cmd(
     help="Largest relative error allowed.",
 )
 @format_option
-def verify_cmd(a: str, b: str, tol: float, fmt: str, revision: Optional[str], subfolder: Optional[str]) -> None:
+def verify_cmd(
+    a: str, b: str, tol: float, fmt: str, revision: Optional[str], subfolder: Optional[str]
+) -> None:
     """Compare ΔW = B·A of every module of adapters A and B (any forms); exit 1 above --tol."""
     from .verify import verify_folders
 

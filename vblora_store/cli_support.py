@@ -156,7 +156,7 @@ def format_option(command):
 
 
 def print_now(text: str) -> None:
-    """Print ``text`` on stdout and flush it, so a stdout that cannot take it fails here, as a ``WriteError``."""
+    """Print ``text`` on stdout and flush it: a stdout that cannot take it fails here, as a ``WriteError``."""
     try:
         click.echo(text)
         sys.stdout.flush()

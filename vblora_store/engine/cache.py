@@ -79,7 +79,7 @@ class FactorCache:
             self._compact()
 
     def _compact(self) -> None:
-        """Renumber the built adapters ``1..n`` (in slot order) and shrink every layer's stacks to ``n + 1``."""
+        """Renumber the built adapters ``1..n`` (slot order kept); shrink every layer's stacks to ``n + 1``."""
         moves = {old: new for new, old in enumerate(sorted(self._slots.values()), start=1)}
         for layer in self.layers:
             layer.factor_slots.shrink(moves)

@@ -93,7 +93,7 @@ class FactorSlots(nn.Module):
         self._ptr = a.data_ptr()
 
     def shrink(self, moves: dict[int, int]) -> None:
-        """Keep only the slots in ``moves`` (old slot -> new slot), reallocated to ``len(moves) + 1`` slots."""
+        """Keep only the slots in ``moves`` (old slot -> new one), reallocated to ``len(moves) + 1`` slots."""
         old, new = list(moves), list(moves.values())
         with torch.inference_mode(False), torch.no_grad():
             a = self.a.new_zeros((len(moves) + 1, *self.a.shape[1:]))

@@ -156,5 +156,7 @@ def convert(
             del tensors
         if before_commit is not None:
             written = read_adapters(work)
-            before_commit([dataclasses.replace(a, folder=Path(dst) / a.folder.relative_to(work)) for a in written])
+            before_commit(
+                [dataclasses.replace(a, folder=Path(dst) / a.folder.relative_to(work)) for a in written]
+            )
     return adapters

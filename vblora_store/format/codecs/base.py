@@ -110,7 +110,11 @@ class Codec:
         return self.decode_tensors(specs, reader, metadata, config, path)
 
     def expanded_bytes(
-        self, specs: dict[str, TensorSpec], metadata: Optional[dict[str, str]], config: VBLoRAConfig, path: Path
+        self,
+        specs: dict[str, TensorSpec],
+        metadata: Optional[dict[str, str]],
+        config: VBLoRAConfig,
+        path: Path,
     ) -> int:
         """Bytes :meth:`decode_tensors` allocates, from the header alone (default: the stored tensors').
 

@@ -27,7 +27,13 @@ import torch
 from ...errors import InvalidAdapterError
 
 __all__ = [
-    "MAX_EXPANSION", "FACTOR_EXPANSION", "EXPANSION_SLACK", "integer", "check_expansion", "check_factors", "simplex_problem"
+    "MAX_EXPANSION",
+    "FACTOR_EXPANSION",
+    "EXPANSION_SLACK",
+    "integer",
+    "check_expansion",
+    "check_factors",
+    "simplex_problem",
 ]
 
 #: Largest ratio of the bytes decoding allocates to the bytes of the file: a packed file expands at most 24x
@@ -113,8 +119,10 @@ def simplex_problem(weights: torch.Tensor, tolerance: float) -> Optional[str]:
     recovers the last weight as ``1 - sum``).
 
     Example:
-        >>> simplex_problem(torch.tensor([[0.5, 0.4]]), 0.0) is None, simplex_problem(torch.tensor([[2.0]]), 0.01)
-        (True, 'has a row summing to 2, above 1 + 0.01')
+        >>> simplex_problem(torch.tensor([[0.5, 0.4]]), 0.0) is None
+        True
+        >>> simplex_problem(torch.tensor([[2.0]]), 0.01)
+        'has a row summing to 2, above 1 + 0.01'
     """
     if weights.numel() == 0:
         return None

@@ -106,7 +106,9 @@ def frame_length(data: bytes) -> int:
 
 
 def _bad(path, message: str) -> InvalidAdapterError:
-    return InvalidAdapterError(f"{path}: compressed form: {message}; the file is damaged or not ours, fetch it again.")
+    return InvalidAdapterError(
+        f"{path}: compressed form: {message}; the file is damaged or not ours, fetch it again."
+    )
 
 
 def _join(planes: list[bytes], dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
@@ -185,7 +187,8 @@ class CompressedCodec(Codec):
             declared, planes = self._entry(key, entry, bad)
             if declared != (by_torch(dtype).code, list(shape)) or len(planes) != dtype.itemsize:
                 raise bad(
-                    f"{key!r} is declared {declared[0]} {declared[1]} in {len(planes)} planes; the config gives "
+                    f"{key!r} is declared {declared[0]} {declared[1]} in {len(planes)} planes; "
+                    "the config gives "
                     f"{by_torch(dtype).code} {list(shape)} in {dtype.itemsize}"
                 )
             count = 1
@@ -209,7 +212,7 @@ class CompressedCodec(Codec):
 
     @staticmethod
     def _description(metadata, path) -> tuple[dict, dict, str]:
-        """The compressed form's metadata, its version, codec and level checked: ``(it, entries, packed text)``."""
+        """The compressed form's metadata, version, codec and level checked: ``(it, entries, packed text)``."""
 
         def bad(message: str) -> InvalidAdapterError:
             return _bad(path, message)
@@ -227,7 +230,8 @@ class CompressedCodec(Codec):
         check_version("compressed", version, FORMAT_VERSION, str(path))
         if codec != "zstd":
             raise InvalidAdapterError(
-                f"{path}: compressed form with codec {codec!r}; this vblora_store reads zstd. Upgrade vblora_store."
+                f"{path}: compressed form with codec {codec!r}; this vblora_store reads zstd. "
+                "Upgrade vblora_store."
             )
         integer(level, "level", bad, minimum=-(1 << 17), maximum=MAX_LEVEL)
         if not isinstance(packed_text, str) or not isinstance(entries, dict):
@@ -253,7 +257,7 @@ class CompressedCodec(Codec):
         checked = []
         for plane in planes:
             if not isinstance(plane, list) or len(plane) != 2 or plane[1] not in ("zstd", "raw"):
-                raise bad(f"a plane of {key!r} is {plane!r:.60}, not [stored bytes, \"zstd\" or \"raw\"]")
+                raise bad(f'a plane of {key!r} is {plane!r:.60}, not [stored bytes, "zstd" or "raw"]')
             checked.append((integer(plane[0], f"a plane size of {key!r}", bad), plane[1]))
         return (entry["dtype"], dims), checked
 

@@ -211,18 +211,23 @@ def check_version(form: str, version: object, known: str, source: str) -> None:
 
 
 def _module_table(table: object, bad) -> list[tuple[str, int, int]]:
-    """The metadata's module table checked: ``[name, in, out]`` rows, names unique strings, features positive."""
+    """The module table checked: ``[name, in, out]`` rows, names unique strings, features positive."""
     if not isinstance(table, list) or not table:
         raise bad(f"modules is {type(table).__name__} {table!r:.60}, not a non-empty list of [name, in, out]")
     modules, seen = [], set()
     for row in table:
         if not isinstance(row, list) or len(row) != 3 or not isinstance(row[0], str) or not row[0]:
-            raise bad(f"module table row {row!r:.80} is not [name, in_features, out_features] with a name string")
+            raise bad(
+                f"module table row {row!r:.80} is not [name, in_features, out_features] with a name string"
+            )
         name = row[0]
         if name in seen:
             raise bad(f"module {name!r} is listed twice in the module table")
         seen.add(name)
-        n_in, n_out = (integer(v, f"module {name!r} {what}", bad, minimum=1) for v, what in zip(row[1:], ("in_features", "out_features")))
+        n_in, n_out = (
+            integer(v, f"module {name!r} {what}", bad, minimum=1)
+            for v, what in zip(row[1:], ("in_features", "out_features"))
+        )
         modules.append((name, n_in, n_out))
     return modules
 

@@ -28,6 +28,7 @@ import torch
 
 from ...choices import BankDtype, WeightsDtype
 from ...dtypes import by_name
+from ...errors import InvalidAdapterError
 from ..bitpack import pack, packed_size, unpack
 
 __all__ = [
@@ -123,13 +124,17 @@ def encode_bank(bank: torch.Tensor, dtype: BankDtype) -> dict[str, torch.Tensor]
 
 
 def decode_bank(
-    stored: dict[str, torch.Tensor], dtype: BankDtype, shape: tuple[int, int], *, bad: Callable = ValueError
+    stored: dict[str, torch.Tensor],
+    dtype: BankDtype,
+    shape: tuple[int, int],
+    *,
+    bad: Callable = InvalidAdapterError,
 ) -> torch.Tensor:
     """The ``(N, L)`` float32 bank back from :func:`encode_bank`'s tensors, every stored value checked.
 
     Raises:
-        ``bad(message)`` (default ``ValueError``): a code outside what :func:`encode_bank` writes (int8
-        -128, int4 0, float8 NaN), a scale that is not finite and positive, a float value not finite.
+        ``bad(message)`` (default :class:`InvalidAdapterError`): a code outside what :func:`encode_bank`
+        writes (int8 -128, int4 0, float8 NaN), a scale not finite and positive, a float value not finite.
     """
     code = stored[BANK]
     if dtype not in _SCALED:
@@ -172,12 +177,12 @@ def encode_weights(weights: torch.Tensor, dtype: WeightsDtype) -> dict[str, torc
 
 
 def decode_weights(
-    stored: dict[str, torch.Tensor], dtype: WeightsDtype, *, bad: Callable = ValueError
+    stored: dict[str, torch.Tensor], dtype: WeightsDtype, *, bad: Callable = InvalidAdapterError
 ) -> torch.Tensor:
     """The float32 weights back from :func:`encode_weights`'s tensors, the fixed-point range checked.
 
     Raises:
-        ``bad(message)`` (default ``ValueError``): a range that is not finite with ``0 <= lo <= hi <= 1``,
+        ``bad(message)`` (default :class:`InvalidAdapterError`): a range that is not finite with ``0 <= lo <= hi <= 1``,
         or, for equal ends, a code other than 0 (the encoder writes no other).
     """
     code = stored[WEIGHTS]
