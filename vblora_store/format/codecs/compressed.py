@@ -188,8 +188,7 @@ class CompressedCodec(Codec):
             if declared != (by_torch(dtype).code, list(shape)) or len(planes) != dtype.itemsize:
                 raise bad(
                     f"{key!r} is declared {declared[0]} {declared[1]} in {len(planes)} planes; "
-                    "the config gives "
-                    f"{by_torch(dtype).code} {list(shape)} in {dtype.itemsize}"
+                    f"the config gives {by_torch(dtype).code} {list(shape)} in {dtype.itemsize} planes"
                 )
             count = 1
             for d in shape:
