@@ -50,12 +50,13 @@ def ids() -> Ids:
 
 @pytest.fixture(scope="module")
 def lossless(base, where) -> dict[str, Path]:
-    """One PEFT adapter in every lossless form."""
+    """One PEFT adapter in every lossless form, and one on the LM head too (vLLM serves LoRA there)."""
     full = make_vblora(base, where / "full", seed=11)
     forms = {"full": full}
     for to in ("topk", "packed", "compressed"):
         convert(full, where / to, to=to)
         forms[to] = where / to
+    forms["lm_head"] = make_vblora(base, where / "lm_head", seed=12, targets=["q_proj", "lm_head"])
     return forms
 
 
@@ -84,7 +85,7 @@ def _engine_logprobs(base: Path, folder, prompt: list[int]) -> torch.Tensor:
     return torch.log_softmax(logits.double(), dim=-1)
 
 
-@pytest.mark.parametrize("form", ["full", "topk", "packed", "compressed"])
+@pytest.mark.parametrize("form", ["full", "topk", "packed", "compressed", "lm_head"])
 def test_lossless_forms_give_our_engine_s_float32_logprobs(llm, ids, base, lossless, form):
     prompt = PROMPTS[1]
     served = _vllm_logprobs(llm, ids.request(lossless[form]), prompt)

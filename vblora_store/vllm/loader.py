@@ -18,14 +18,17 @@ from __future__ import annotations
 import json
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 from ..config import CONFIG_NAME, PEFT_TYPE
 from ..errors import AdapterNotFoundError, ServingRefusedError, VBLoRAStoreError
 from ..export import lora_config, lora_tensors
 from ..format import StoredAdapter, read_adapter
 
-__all__ = ["MAX_LORA_RANKS", "SERVED_MODULES_TO_SAVE", "is_vblora_folder", "refusal", "expand", "install"]
+__all__ = [
+    "MAX_LORA_RANKS", "SERVED_MODULES_TO_SAVE", "ServedModules", "is_vblora_folder", "refusal", "expand",
+    "check_modules", "install",
+]  # fmt: skip
 
 #: The values vLLM accepts for ``max_lora_rank``.
 MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -33,8 +36,8 @@ MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 SERVED_MODULES_TO_SAVE = ("classifier", "score")
 _FIX_ELSEWHERE = "serve it with vblora_store's engine (VBLoRAModel) or PEFT instead"
 
-#: The adapter being loaded by this worker thread: (folder, name, LoRA config, LoRA tensors).
-_EXPANDED: ContextVar[Optional[tuple[str, str, dict, dict]]] = ContextVar("vblora_expanded", default=None)
+#: The adapter being loaded by this worker thread: (folder, LoRA config, LoRA tensors).
+_EXPANDED: ContextVar[Optional[tuple[str, dict, dict]]] = ContextVar("vblora_expanded", default=None)
 
 
 def is_vblora_folder(path: Any) -> bool:
@@ -109,51 +112,71 @@ def expand(adapter: StoredAdapter, *, name: str, max_lora_rank: int) -> tuple[di
     return lora_config(config, list(adapter.modules)), tensors
 
 
-def check_shapes(adapter: StoredAdapter, *, name: str, shapes: dict[str, tuple[int, int]]) -> None:
-    """Refuse an adapter whose module shapes differ from the served model's ``(in, out)`` of those modules.
+def check_modules(adapter: StoredAdapter, *, name: str, served: "ServedModules") -> None:
+    """Refuse an adapter on modules the engine puts no LoRA layer on, or whose shapes differ from the model's.
+
+    A module kind (``q_proj``, ``down_proj``) that no layer of the engine wraps would be loaded and
+    silently never applied (vLLM's ``--lora-target-modules`` narrows what it wraps): refused.  Modules
+    absent from this worker (another pipeline stage's layers) are not.
 
     Example:
         >>> a = read_adapter("fixtures/tiny-llama-vblora")
-        >>> check_shapes(a, name="a", shapes={"model.layers.0.mlp.down_proj": (128, 64)})
-        >>> check_shapes(a, name="a", shapes={"model.layers.0.mlp.down_proj": (256, 64)})  # doctest: +ELLIPSIS
+        >>> kinds = {m.rsplit(".", 1)[-1] for m in a.modules}
+        >>> check_modules(a, name="a", served=ServedModules({"model.layers.0.mlp.down_proj": (128, 64)}, kinds))
+        >>> check_modules(a, name="a", served=ServedModules({"model.layers.0.mlp.down_proj": (256, 64)}, kinds))
         Traceback (most recent call last):
         ...
-        vblora_store.errors.ServingRefusedError: VB-LoRA adapter 'a': model.layers.0.mlp.down_proj is (in 128, out 64) ...
+        vblora_store.errors.ServingRefusedError: VB-LoRA adapter 'a': model.layers.0.mlp.down_proj is (in 128, out 64) in the adapter but (in 256, out 64) in the served model; serve the base model it was trained on (see its adapter_config.json).
     """
+    unwrapped = sorted({module.rsplit(".", 1)[-1] for module in adapter.modules} - served.kinds)
+    if unwrapped:
+        raise refusal(
+            name,
+            f"adapts {unwrapped}, on which this engine puts no LoRA layer (it does on {sorted(served.kinds)}); "
+            f"add them to --lora-target-modules (or leave it unset), or {_FIX_ELSEWHERE}.",
+        )
     for module, shape in adapter.modules.items():
-        served = shapes.get(module)
-        if served is not None and served != (shape.in_features, shape.out_features):
+        in_out = served.shapes.get(module)
+        if in_out is not None and in_out != (shape.in_features, shape.out_features):
             raise refusal(
                 name,
                 f"{module} is (in {shape.in_features}, out {shape.out_features}) in the adapter but "
-                f"(in {served[0]}, out {served[1]}) in the served model; serve the base model it was trained on "
+                f"(in {in_out[0]}, out {in_out[1]}) in the served model; serve the base model it was trained on "
                 f"({adapter.config.base_model_name_or_path or 'see its adapter_config.json'}).",
             )
 
 
-def _served_shapes(manager: Any) -> dict[str, tuple[int, int]]:
-    """Full (unsharded) ``(in, out)`` of every module vLLM puts a LoRA on, by the adapter's module names.
+class ServedModules(NamedTuple):
+    """What an engine's worker puts LoRA layers on: full ``(in, out)`` by module name, and module kinds."""
+
+    shapes: dict[str, tuple[int, int]]
+    kinds: set[str]
+
+
+def _served_modules(manager: Any) -> ServedModules:
+    """The modules vLLM wrapped with a LoRA layer, by the adapter's module names; computed once per manager.
 
     A packed module (``qkv_proj``) stands for its parts (``q_proj``, ``k_proj``,
-    ``v_proj``), each with its share of the output.  Computed once per manager.
+    ``v_proj``), each with its share of the output.  Sizes are the full,
+    unsharded ones (vLLM slices the LoRA tensors for tensor parallelism itself);
+    a layer without plain linear sizes (the LM head) counts by kind only.
     """
-    shapes = getattr(manager, "_vblora_shapes", None)
-    if shapes is not None:
-        return shapes
-    shapes = {}
+    served = getattr(manager, "_vblora_served", None)
+    if served is not None:
+        return served
+    shapes, kinds = {}, set()
     for module_name, module in manager.modules.items():
+        parts = manager.packed_modules.get(module_name) or [module_name]
+        kinds.update(part.rsplit(".", 1)[-1] for part in parts)
         base = getattr(module, "base_layer", None)
         in_size, out_size = getattr(base, "input_size", None), getattr(base, "output_size", None)
         if not isinstance(in_size, int) or not isinstance(out_size, int):
             continue
-        parts = manager.packed_modules.get(module_name)
-        sizes = getattr(base, "output_sizes", None)
-        if parts and isinstance(sizes, (list, tuple)) and len(sizes) == len(parts):
+        sizes = getattr(base, "output_sizes", None) if len(parts) > 1 else [out_size]
+        if isinstance(sizes, (list, tuple)) and len(sizes) == len(parts):
             shapes.update({part: (in_size, size) for part, size in zip(parts, sizes)})
-        elif not parts:
-            shapes[module_name] = (in_size, out_size)
-    manager._vblora_shapes = shapes
-    return shapes
+    manager._vblora_served = served = ServedModules(shapes, kinds)
+    return served
 
 
 def install() -> None:
@@ -176,9 +199,9 @@ def install() -> None:
             raise  # vLLM answers "not found" (404) to a FileNotFoundError
         except VBLoRAStoreError as e:
             raise refusal(name, str(e)) from e
-        check_shapes(adapter, name=name, shapes=_served_shapes(self._adapter_manager))
+        check_modules(adapter, name=name, served=_served_modules(self._adapter_manager))
         config, tensors = expand(adapter, name=name, max_lora_rank=self.lora_config.max_lora_rank)
-        token = _EXPANDED.set((str(path), name, config, tensors))
+        token = _EXPANDED.set((str(path), config, tensors))
         try:
             return load_adapter(self, lora_request)
         finally:
@@ -188,30 +211,19 @@ def install() -> None:
         expanded = _EXPANDED.get()
         if expanded is None or expanded[0] != str(lora_path):
             return from_local_dir(cls, lora_path, max_position_embeddings, *args, **kwargs)
-        return cls.from_dict({**expanded[2], "vllm_max_position_embeddings": max_position_embeddings})
+        return cls.from_dict({**expanded[1], "vllm_max_position_embeddings": max_position_embeddings})
 
     def _from_local_checkpoint(cls, lora_dir, expected_lora_modules, peft_helper, **kwargs):
         expanded = _EXPANDED.get()
         if expanded is None or expanded[0] != str(lora_dir):
             return from_local_checkpoint(cls, lora_dir, expected_lora_modules, peft_helper, **kwargs)
-        _check_targets(expanded[1], expanded[2], expected_lora_modules)
         from vllm.lora.utils import get_lora_id
 
         kwargs.pop("moe_ep_spec", None)  # VB-LoRA adapts linear layers only: no expert weights to skip
         lora_id = kwargs.pop("lora_model_id", None) or get_lora_id()
-        return cls.from_lora_tensors(lora_id, expanded[3], peft_helper, **kwargs)
+        return cls.from_lora_tensors(lora_id, expanded[2], peft_helper, **kwargs)
 
     manager_cls._load_adapter = _load_adapter
     peft_helper.PEFTHelper.from_local_dir = classmethod(_from_local_dir)
     lora_model.LoRAModel.from_local_checkpoint = classmethod(_from_local_checkpoint)
 
-
-def _check_targets(name: str, config: dict, expected: set) -> None:
-    """Refuse modules vLLM puts no LoRA layer on for this model (vLLM's own check, in our words)."""
-    unserved = sorted({m for m in config["target_modules"] if m.rsplit(".", 1)[-1] not in expected})
-    if unserved:
-        raise refusal(
-            name,
-            f"adapts {unserved[:3]}{' ...' if len(unserved) > 3 else ''}, on which vLLM puts no LoRA layer for "
-            f"this model (it does on {sorted(expected)}); {_FIX_ELSEWHERE}.",
-        )
