@@ -204,14 +204,14 @@ def bench_e2e_and_throughput(work: Path, reps: int, hidden: int, layers: int, to
     base_first = _interleaved(reps, {"base": lambda rep: llm.generate([prompt], first, use_tqdm=False)})["base"]
 
     many = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
-    prompts = [{"prompt_token_ids": [1 + (7 * i) % 100, 5, 9, 14]} for i in range(16)]
+    prompts = [{"prompt_token_ids": [1 + 7 * i, 5, 9, 14]} for i in range(8)]  # one per adapter
     requests = {
         form: [LoRARequest(f"warm-{form}-{i}", next(next_id), str(adapters[i][form])) for i in range(8)]
         for form in ("vblora-compressed", "lora")
     }
     for form_requests in requests.values():  # loaded before timing: throughput, not cold start
-        llm.generate(prompts[:8], first, lora_request=form_requests, use_tqdm=False)
-    batch = {form: [r[i % 8] for i in range(len(prompts))] for form, r in requests.items()}
+        llm.generate(prompts, first, lora_request=form_requests, use_tqdm=False)
+    batch = requests
     outputs = {}
 
     def generate(form: str):
@@ -257,7 +257,7 @@ def main() -> None:
     parser.add_argument("--sections", default="load,e2e")
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--tokens", type=int, default=16)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,8 @@ from vllm_support import SKIP_REASON  # noqa: E402
 
 pytest.importorskip("vllm", reason=SKIP_REASON)
 
-from vllm_support import MAX_LORAS, PROMPTS, Ids, greedy, make_base, make_vblora, start_engine  # noqa: E402
+from vllm_support import MAX_LORAS, PROMPTS, greedy, make_vblora  # noqa: E402
+from vllm_support import base, ids, llm, where  # noqa: E402,F401  (this module's fixtures)
 
 from vblora_store import convert  # noqa: E402
 
@@ -28,26 +29,6 @@ from vblora_store import convert  # noqa: E402
 #: ulps of values of order 10, about 1e-6, measured 2e-6 at most here.  1e-4 is far above that noise and far
 #: below what a wrong adapter changes (the adapters move logprobs by more than 0.1, asserted below).
 LOGPROB_ATOL = 1e-4
-
-
-@pytest.fixture(scope="module")
-def where(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("vllm-batches")
-
-
-@pytest.fixture(scope="module")
-def base(where) -> Path:
-    return make_base(where / "base")
-
-
-@pytest.fixture(scope="module")
-def llm(base):
-    return start_engine(base)
-
-
-@pytest.fixture(scope="module")
-def ids() -> Ids:
-    return Ids()
 
 
 @pytest.fixture(scope="module")

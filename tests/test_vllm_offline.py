@@ -9,7 +9,6 @@ elsewhere.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -19,31 +18,10 @@ from vllm_support import SKIP_REASON  # noqa: E402
 
 pytest.importorskip("vllm", reason=SKIP_REASON)
 
-from vllm_support import MAX_LORAS, PROMPTS, Ids, greedy, make_base, make_vblora, start_engine  # noqa: E402
+from vllm_support import PROMPTS, greedy, make_vblora  # noqa: E402
+from vllm_support import base, ids, llm, where  # noqa: E402,F401  (this module's fixtures)
 
 from vblora_store import convert, export_lora  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def where(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("vllm-offline")
-
-
-@pytest.fixture(scope="module")
-def base(where) -> Path:
-    return make_base(where / "base")
-
-
-@pytest.fixture(scope="module")
-def llm(base):
-    engine = start_engine(base)
-    yield engine
-    del engine
-
-
-@pytest.fixture(scope="module")
-def ids() -> Ids:
-    return Ids()
 
 
 @pytest.fixture(scope="module")

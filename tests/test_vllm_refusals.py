@@ -20,32 +20,13 @@ pytest.importorskip("vllm", reason=SKIP_REASON)
 
 from safetensors.torch import load_file, save_file  # noqa: E402
 from test_safety import Exploit, with_pickle  # noqa: E402
-from vllm_support import PROMPTS, Ids, greedy, make_base, make_vblora, start_engine  # noqa: E402
+from vllm_support import greedy, make_base, make_vblora  # noqa: E402
+from vllm_support import base, ids, llm, where  # noqa: E402,F401  (this module's fixtures)
 
 from vblora_store import convert  # noqa: E402
 
 WEIGHTS, WEIGHTS_BIN = "adapter_model.safetensors", "adapter_model.bin"
 BANK = "base_model.vblora_vector_bank"
-
-
-@pytest.fixture(scope="module")
-def where(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("vllm-refusals")
-
-
-@pytest.fixture(scope="module")
-def base(where) -> Path:
-    return make_base(where / "base")
-
-
-@pytest.fixture(scope="module")
-def llm(base):
-    return start_engine(base)
-
-
-@pytest.fixture(scope="module")
-def ids() -> Ids:
-    return Ids()
 
 
 @pytest.fixture(scope="module")

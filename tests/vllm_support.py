@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 from typing import Optional, Sequence
 
+import pytest
 import torch
 
 from conftest import make_fixtures
@@ -133,3 +134,28 @@ class Ids:
         if key not in self._ids:
             self._ids[key] = len(self._ids) + 1
         return LoRARequest(name or f"adapter-{self._ids[key]}", self._ids[key], key)
+
+
+# -- the fixtures of a test module that serves through one engine (imported by name into each) ----------
+
+
+@pytest.fixture(scope="module")
+def where(tmp_path_factory, request) -> Path:
+    """The module's own folder."""
+    return tmp_path_factory.mktemp(request.module.__name__.rsplit(".", 1)[-1])
+
+
+@pytest.fixture(scope="module")
+def base(where) -> Path:
+    return make_base(where / "base")
+
+
+@pytest.fixture(scope="module")
+def llm(base):
+    """The module's engine: vLLM's in-process engines cannot share a process, so one at a time."""
+    return start_engine(base)
+
+
+@pytest.fixture(scope="module")
+def ids() -> Ids:
+    return Ids()
