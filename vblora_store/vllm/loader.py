@@ -16,9 +16,10 @@ through vLLM's loader untouched.
 from __future__ import annotations
 
 import json
+import threading
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 from ..config import CONFIG_NAME, PEFT_TYPE
 from ..errors import AdapterNotFoundError, ServingRefusedError, VBLoRAStoreError
@@ -179,6 +180,48 @@ def _served_modules(manager: Any) -> ServedModules:
     return served
 
 
+def _read_and_expand(path: Any, name: str, served: ServedModules, *, max_lora_rank: int) -> tuple[dict, dict]:
+    """Read the folder with vblora_store's reader, refuse what the engine cannot serve, expand it."""
+    try:
+        adapter = read_adapter(path)
+    except AdapterNotFoundError:
+        raise  # vLLM answers "not found" (404) to a FileNotFoundError
+    except VBLoRAStoreError as e:
+        raise refusal(name, str(e)) from e
+    check_modules(adapter, name=name, served=served)
+    return expand(adapter, name=name, max_lora_rank=max_lora_rank)
+
+
+def _on_one_thread(work: Callable[[], Any]) -> Any:
+    """``work()`` in a thread of its own whose torch ops run single-threaded; its result or its exception.
+
+    Expanding is many small tensor operations.  On vLLM's CPU workers torch's
+    OpenMP threads are bound to cores, and small operations spread over them
+    run several times slower than on one thread (more so when other processes
+    share the cores: benchmarks/bench_vllm.py).  torch's thread count is
+    per-thread (OpenMP's and MKL's settings of the calling thread), so a thread
+    of our own asks for one without touching the worker's; vLLM replaces
+    ``torch.set_num_threads`` in its workers, hence ``torch._C``'s own.
+    """
+    import torch
+
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            torch._C.set_num_threads(1)
+            outcome["result"] = work()
+        except BaseException as e:  # handed to the caller's thread, raised there
+            outcome["error"] = e
+
+    thread = threading.Thread(target=run, name="vblora-expand")
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
 def install() -> None:
     """Wrap vLLM's worker-side adapter loading so VB-LoRA folders load as their LoRA adapter."""
     from vllm.lora import lora_model, peft_helper, worker_manager
@@ -192,15 +235,10 @@ def install() -> None:
         path = worker_manager.get_adapter_absolute_path(lora_request.lora_path)
         if not is_vblora_folder(path):
             return load_adapter(self, lora_request)
-        name = lora_request.lora_name
-        try:
-            adapter = read_adapter(path)
-        except AdapterNotFoundError:
-            raise  # vLLM answers "not found" (404) to a FileNotFoundError
-        except VBLoRAStoreError as e:
-            raise refusal(name, str(e)) from e
-        check_modules(adapter, name=name, served=_served_modules(self._adapter_manager))
-        config, tensors = expand(adapter, name=name, max_lora_rank=self.lora_config.max_lora_rank)
+        name, served = lora_request.lora_name, _served_modules(self._adapter_manager)
+        config, tensors = _on_one_thread(
+            lambda: _read_and_expand(path, name, served, max_lora_rank=self.lora_config.max_lora_rank)
+        )
         token = _EXPANDED.set((str(path), config, tensors))
         try:
             return load_adapter(self, lora_request)
