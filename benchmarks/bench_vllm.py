@@ -108,7 +108,10 @@ def bench_load(work: Path, reps: int, hub_url: str) -> dict:
 
     register()
     forms = seven_b_forms(work)
-    shapes = {m: (s.in_features, s.out_features) for m, s in read_adapter(forms["vblora-compressed"]).modules.items()}
+    shapes = {
+        m: (s.in_features, s.out_features)
+        for m, s in read_adapter(forms["vblora-compressed"]).modules.items()
+    }
     worker = _worker(shapes)
     load = lambda path, rep: worker._load_adapter(LoRARequest(f"a{rep}", rep + 1, str(path)))  # noqa: E731
 
@@ -201,7 +204,9 @@ def bench_e2e_and_throughput(work: Path, reps: int, hidden: int, layers: int, to
 
     llm.generate([prompt], first, use_tqdm=False)
     cold_start = _interleaved(reps, {form: cold(form) for form in ("vblora-compressed", "lora")})
-    base_first = _interleaved(reps, {"base": lambda rep: llm.generate([prompt], first, use_tqdm=False)})["base"]
+    base_first = _interleaved(reps, {"base": lambda rep: llm.generate([prompt], first, use_tqdm=False)})[
+        "base"
+    ]
 
     many = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
     prompts = [{"prompt_token_ids": [1 + 7 * i, 5, 9, 14]} for i in range(8)]  # one per adapter

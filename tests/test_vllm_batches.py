@@ -102,7 +102,9 @@ def test_a_mixed_batch_gives_each_request_what_it_gives_alone(llm, ids, varied):
 
 def test_base_rows_stay_base_once_every_slot_has_held_an_adapter(llm, ids, varied, lossless):
     base_alone = greedy(llm, [None] * len(PROMPTS))
-    for folder in [*varied, lossless["full"]][: MAX_LORAS + 1]:  # one at a time: every slot filled, the last too
+    for folder in [*varied, lossless["full"]][
+        : MAX_LORAS + 1
+    ]:  # one at a time: every slot filled, the last too
         greedy(llm, [ids.request(folder)], [PROMPTS[0]])
     requests = [ids.request(varied[0]), None, ids.request(varied[3]), None]
     mixed = greedy(llm, requests)

@@ -65,12 +65,16 @@ def _same_as_export(llm, ids, folder: Path) -> list[list[int]]:
     return ours
 
 
-def test_full_form_serves_exactly_as_its_lora_export_and_differs_from_the_base(llm, ids, peft_full, base_tokens):
+def test_full_form_serves_exactly_as_its_lora_export_and_differs_from_the_base(
+    llm, ids, peft_full, base_tokens
+):
     assert _same_as_export(llm, ids, peft_full) != base_tokens
 
 
 @pytest.mark.parametrize("form", FORMS)
-def test_every_form_and_precision_serves_exactly_as_its_lora_export(llm, ids, peft_full, where, base_tokens, form):
+def test_every_form_and_precision_serves_exactly_as_its_lora_export(
+    llm, ids, peft_full, where, base_tokens, form
+):
     folder = _form(peft_full, where / form.replace(":", "-"), form)
     assert _same_as_export(llm, ids, folder) != base_tokens
 
@@ -80,11 +84,16 @@ def test_half_precision_files_serve_exactly_as_their_lora_export(llm, ids, base,
     folder = make_vblora(base, where / f"half-{dtype}", dtype=dtype, seed=3)
     assert {t.dtype for t in _tensors(folder).values()} == {dtype}
     assert _same_as_export(llm, ids, folder) != base_tokens
-    assert _same_as_export(llm, ids, _form(folder, where / f"half-{dtype}-compressed", "compressed")) != base_tokens
+    assert (
+        _same_as_export(llm, ids, _form(folder, where / f"half-{dtype}-compressed", "compressed"))
+        != base_tokens
+    )
 
 
 def test_bin_files_and_k1_serve_exactly_as_their_lora_export(llm, ids, base, where, base_tokens):
-    topk_bin = make_vblora(base, where / "topk-bin", seed=4, save_only_topk_weights=True, safe_serialization=False)
+    topk_bin = make_vblora(
+        base, where / "topk-bin", seed=4, save_only_topk_weights=True, safe_serialization=False
+    )
     assert (topk_bin / "adapter_model.bin").is_file()
     assert _same_as_export(llm, ids, topk_bin) != base_tokens
     k1 = make_vblora(base, where / "k1", seed=5, topk=1)

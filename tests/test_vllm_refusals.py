@@ -55,7 +55,9 @@ def _refused(llm, ids, folder: Path, *fragments: str, served, good) -> str:
         for fragment in fragments:
             assert fragment in message, message
         messages.append(message)
-    assert greedy(llm, [ids.request(good), None, ids.request(good), None]) == served  # still serving, the same
+    assert (
+        greedy(llm, [ids.request(good), None, ids.request(good), None]) == served
+    )  # still serving, the same
     return messages[0]
 
 

@@ -66,7 +66,9 @@ def hub(adapters):
     server = HubServer(TOKEN).start()
     server.create_repo({"organization": "acme", "name": "vb"})
     for branch, name in (("main", "hub"), ("v1", "hub-v1")):
-        server.set_files("acme/vb", {f: (adapters[name] / f).read_bytes() for f in ADAPTER_FILES}, branch=branch)
+        server.set_files(
+            "acme/vb", {f: (adapters[name] / f).read_bytes() for f in ADAPTER_FILES}, branch=branch
+        )
     yield server
     server.stop()
 

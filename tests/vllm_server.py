@@ -87,7 +87,9 @@ class Server:
     def complete(self, model: str, prompt: str, max_tokens: int = 8) -> tuple[int, str]:
         """Greedy completion: ``(status, text)``, or ``(status, error message)``."""
         status, body = self.request(
-            "POST", "/v1/completions", {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
+            "POST",
+            "/v1/completions",
+            {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0},
         )
         if status != 200:
             return status, body.get("error", {}).get("message", str(body))
@@ -95,7 +97,9 @@ class Server:
 
     def load(self, name: str, path: Path) -> tuple[int, str]:
         """``/v1/load_lora_adapter``: ``(status, message)``."""
-        status, body = self.request("POST", "/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(path)})
+        status, body = self.request(
+            "POST", "/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(path)}
+        )
         return status, body.get("text") or body.get("error", {}).get("message", str(body))
 
     def stop(self) -> None:

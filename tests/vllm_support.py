@@ -62,9 +62,9 @@ def _save_tokenizer(folder: Path, vocab_size: int) -> None:
     vocab = {f"t{i}": i for i in range(vocab_size)}
     core = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=core, unk_token="t0", bos_token="t1", eos_token="t2").save_pretrained(
-        str(folder)
-    )
+    PreTrainedTokenizerFast(
+        tokenizer_object=core, unk_token="t0", bos_token="t1", eos_token="t2"
+    ).save_pretrained(str(folder))
 
 
 def make_vblora(

@@ -116,7 +116,7 @@ def module_factors(
             parts = zip(*(module_topk(adapter, module, dtype=dtype) for module in chunk))
             stacked = ModuleTopK(*(torch.stack(part) for part in parts))  # each (..., k) -> (G, ..., k)
             sub_a = compose(stacked.a_indices, stacked.a_weights, bank)  # (G, r, in/L, k) -> (G, r, in/L, L)
-            sub_b = compose(stacked.b_indices, stacked.b_weights, bank)  # (G, out/L, r, k) -> (G, out/L, r, L)
+            sub_b = compose(stacked.b_indices, stacked.b_weights, bank)  # (G, out/L, r, k) -> (.., L)
             r = sub_a.shape[1]
             built.update({m: subvector_factors(sub_a[i], sub_b[i], r) for i, m in enumerate(chunk)})
     for module in order:

@@ -37,7 +37,7 @@ def check_vllm_version(version: Optional[str] = None) -> str:
         >>> check_vllm_version("0.31.2")  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        vblora_store.errors.UnsupportedVLLMError: vLLM 0.31.2 is not supported by vblora_store's vLLM plugin (vllm>=0.32,<0.33); ...
+        vblora_store.errors.UnsupportedVLLMError: vLLM 0.31.2 is not supported ... (vllm>=0.32,<0.33); ...
     """
     if version is None:
         version = _installed_version()
@@ -45,7 +45,8 @@ def check_vllm_version(version: Optional[str] = None) -> str:
     if match is None or not _LOWEST <= (int(match.group(1)), int(match.group(2))) < _BEYOND:
         raise UnsupportedVLLMError(
             f"vLLM {version} is not supported by vblora_store's vLLM plugin (vllm{SUPPORTED_VLLM}); "
-            f"install a supported vLLM, or set VLLM_PLUGINS to a list without vblora_store to serve plain LoRA only."
+            "install a supported vLLM, or set VLLM_PLUGINS to a list without vblora_store to serve plain "
+            "LoRA only."
         )
     return version
 

@@ -34,7 +34,7 @@ _MAX_REMEMBERED = 1024
 
 def _refusal_line(message: str) -> str:
     """The plugin's one-line refusal inside ``message`` (the engine may wrap it), or ``""``."""
-    return message[message.index(REFUSAL_MARK):].splitlines()[0] if REFUSAL_MARK in message else ""
+    return message[message.index(REFUSAL_MARK) :].splitlines()[0] if REFUSAL_MARK in message else ""
 
 
 def install() -> None:

@@ -94,7 +94,10 @@ def expand(adapter: StoredAdapter, *, name: str, max_lora_rank: int) -> tuple[di
     """
     config = adapter.config
     if config.bias != "none" or any(key.endswith(".bias") for key in adapter.other_keys):
-        raise refusal(name, f"trains biases (bias={config.bias!r}), which vLLM's LoRA layers cannot add; {_FIX_ELSEWHERE}.")
+        raise refusal(
+            name,
+            f"trains biases (bias={config.bias!r}), which vLLM's LoRA layers cannot add; {_FIX_ELSEWHERE}.",
+        )
     unserved = sorted(set(config.modules_to_save or ()) - set(SERVED_MODULES_TO_SAVE))
     if unserved:
         raise refusal(
@@ -104,8 +107,12 @@ def expand(adapter: StoredAdapter, *, name: str, max_lora_rank: int) -> tuple[di
         )
     if config.r > max_lora_rank:
         fits = [rank for rank in MAX_LORA_RANKS if rank >= config.r]
-        fix = f"start vLLM with max_lora_rank={fits[0]} (--max-lora-rank {fits[0]})" if fits else _FIX_ELSEWHERE
-        raise refusal(name, f"has rank r={config.r}, above the engine's max_lora_rank={max_lora_rank}; {fix}.")
+        fix = (
+            f"start vLLM with max_lora_rank={fits[0]} (--max-lora-rank {fits[0]})" if fits else _FIX_ELSEWHERE
+        )
+        raise refusal(
+            name, f"has rank r={config.r}, above the engine's max_lora_rank={max_lora_rank}; {fix}."
+        )
     try:
         tensors = dict(lora_tensors(adapter))
     except VBLoRAStoreError as e:
@@ -122,19 +129,20 @@ def check_modules(adapter: StoredAdapter, *, name: str, served: "ServedModules")
 
     Example:
         >>> a = read_adapter("fixtures/tiny-llama-vblora")
-        >>> kinds = {m.rsplit(".", 1)[-1] for m in a.modules}
-        >>> check_modules(a, name="a", served=ServedModules({"model.layers.0.mlp.down_proj": (128, 64)}, kinds))
-        >>> check_modules(a, name="a", served=ServedModules({"model.layers.0.mlp.down_proj": (256, 64)}, kinds))
+        >>> kinds, down = {m.rsplit(".", 1)[-1] for m in a.modules}, "model.layers.0.mlp.down_proj"
+        >>> check_modules(a, name="a", served=ServedModules({down: (128, 64)}, kinds))
+        >>> check_modules(a, name="a", served=ServedModules({down: (256, 64)}, kinds))  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        vblora_store.errors.ServingRefusedError: VB-LoRA adapter 'a': model.layers.0.mlp.down_proj is (in 128, out 64) in the adapter but (in 256, out 64) in the served model; serve the base model it was trained on (see its adapter_config.json).
+        vblora_store.errors.ServingRefusedError: VB-LoRA adapter 'a': model.layers.0.mlp.down_proj is ...
     """
     unwrapped = sorted({module.rsplit(".", 1)[-1] for module in adapter.modules} - served.kinds)
     if unwrapped:
         raise refusal(
             name,
-            f"adapts {unwrapped}, on which this engine puts no LoRA layer (it does on {sorted(served.kinds)}); "
-            f"add them to --lora-target-modules (or leave it unset), or {_FIX_ELSEWHERE}.",
+            f"adapts {unwrapped}, on which this engine puts no LoRA layer (it does on "
+            f"{sorted(served.kinds)}); add them to --lora-target-modules (or leave it unset), or "
+            f"{_FIX_ELSEWHERE}.",
         )
     for module, shape in adapter.modules.items():
         in_out = served.shapes.get(module)
@@ -142,8 +150,8 @@ def check_modules(adapter: StoredAdapter, *, name: str, served: "ServedModules")
             raise refusal(
                 name,
                 f"{module} is (in {shape.in_features}, out {shape.out_features}) in the adapter but "
-                f"(in {in_out[0]}, out {in_out[1]}) in the served model; serve the base model it was trained on "
-                f"({adapter.config.base_model_name_or_path or 'see its adapter_config.json'}).",
+                f"(in {in_out[0]}, out {in_out[1]}) in the served model; serve the base model it was "
+                f"trained on ({adapter.config.base_model_name_or_path or 'see its adapter_config.json'}).",
             )
 
 
@@ -264,4 +272,3 @@ def install() -> None:
     manager_cls._load_adapter = _load_adapter
     peft_helper.PEFTHelper.from_local_dir = classmethod(_from_local_dir)
     lora_model.LoRAModel.from_local_checkpoint = classmethod(_from_local_checkpoint)
-
