@@ -14,7 +14,7 @@ from vllm_support import SKIP_REASON  # noqa: E402
 
 pytest.importorskip("vllm", reason=SKIP_REASON)
 
-from vllm_support import PROMPTS, Ids, greedy, make_base, make_vblora, start_engine  # noqa: E402
+from vllm_support import PROMPTS, Ids, greedy, make_base, make_vblora, start_engine, stop_engine  # noqa: E402
 
 
 def test_modules_the_engine_puts_no_lora_on_are_refused(tmp_path):
@@ -22,8 +22,13 @@ def test_modules_the_engine_puts_no_lora_on_are_refused(tmp_path):
     base = make_base(tmp_path / "base")
     folder = make_vblora(base, tmp_path / "mlp", seed=36, targets=["o_proj", "down_proj"])
     narrow = start_engine(base, lora_target_modules=["o_proj"])
-    ids = Ids()
-    before = greedy(narrow, [None] * len(PROMPTS))
-    with pytest.raises(ValueError, match=r"adapts \['down_proj'\], on which this engine puts no LoRA layer"):
-        greedy(narrow, [ids.request(folder, name="bad-mlp")] * len(PROMPTS))
-    assert greedy(narrow, [None] * len(PROMPTS)) == before
+    try:
+        ids = Ids()
+        before = greedy(narrow, [None] * len(PROMPTS))
+        with pytest.raises(
+            ValueError, match=r"adapts \['down_proj'\], on which this engine puts no LoRA layer"
+        ):
+            greedy(narrow, [ids.request(folder, name="bad-mlp")] * len(PROMPTS))
+        assert greedy(narrow, [None] * len(PROMPTS)) == before
+    finally:
+        stop_engine(narrow)

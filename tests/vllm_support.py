@@ -110,6 +110,15 @@ def start_engine(base: Path, **kwargs):
     return LLM(model=str(base), **{**options, **kwargs})
 
 
+def stop_engine(llm) -> None:
+    """Shut ``llm`` down now: left to the garbage collector, its shutdown would tear down a later engine's
+    process groups ("pipeline model parallel group is not initialized")."""
+    from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+    llm.llm_engine.engine_core.shutdown()
+    cleanup_dist_env_and_memory()
+
+
 def greedy(llm, requests: Sequence, prompts: Sequence[Sequence[int]] = PROMPTS) -> list[list[int]]:
     """Greedy tokens of each prompt, each with its own ``LoRARequest`` (``None``: the base), in one call."""
     from vllm import SamplingParams
@@ -153,7 +162,9 @@ def base(where) -> Path:
 @pytest.fixture(scope="module")
 def llm(base):
     """The module's engine: vLLM's in-process engines cannot share a process, so one at a time."""
-    return start_engine(base)
+    engine = start_engine(base)
+    yield engine
+    stop_engine(engine)
 
 
 @pytest.fixture(scope="module")
