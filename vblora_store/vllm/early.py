@@ -38,7 +38,7 @@ def _refusal_line(message: str) -> str:
 
 
 def install() -> None:
-    """Wrap ``LLMEngine.add_request`` and the server's ``load_lora_adapter``."""
+    """Wrap ``LLMEngine.add_request``, ``AsyncLLM.add_lora``, and the server's adapter loading and resolving."""
     from vllm.v1.engine.llm_engine import LLMEngine
 
     _wrap_add_request(LLMEngine)
