@@ -193,3 +193,20 @@ def test_nan_logits_are_refused_before_writing(single_copy, tmp_path):
     result = run_cli("export-lora", single_copy, tmp_path / "out")
     assert result.exit_code == 2 and key in result.stderr
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("form", ["full", "topk", "packed"])
+def test_composing_modules_of_one_shape_together_gives_the_same_factors_bit_for_bit(multi_copy, tmp_path, form):
+    """export-lora (and the vLLM plugin) compose a group of modules at once; module by module is the reference."""
+    from vblora_store.factors import module_factors
+
+    folder = multi_copy if form == "full" else tmp_path / form
+    if form != "full":
+        convert(multi_copy, folder, to=form)
+    for adapter in read_adapters(folder):  # k=2 and k=3 (the second adapter)
+        one = list(module_factors(adapter, dtype=torch.float32))
+        for group in (2, 64):
+            grouped = list(module_factors(adapter, dtype=torch.float32, group=group))
+            assert [m for m, _, _ in grouped] == [m for m, _, _ in one]
+            for (_, a, b), (_, a1, b1) in zip(grouped, one):
+                assert torch.equal(a, a1) and torch.equal(b, b1)

@@ -30,6 +30,8 @@ __all__ = [
     "CheckpointNotFoundError",
     "InvalidCheckpointError",
     "UnsafePathError",
+    "UnsupportedVLLMError",
+    "ServingRefusedError",
     "WriteError",
     "ReadError",
     "OSProblem",
@@ -114,6 +116,14 @@ class HubConnectionError(HubError, ConnectionError):
 
 class UnsafePathError(VBLoRAStoreError, PermissionError):
     """A symbolic link inside an adapter folder leads outside it, so it is not followed."""
+
+
+class UnsupportedVLLMError(VBLoRAStoreError, RuntimeError):
+    """The installed vLLM is outside the versions the vLLM plugin supports."""
+
+
+class ServingRefusedError(VBLoRAStoreError, ValueError):
+    """vLLM cannot serve this adapter as configured (rank, biases, module shapes, ...): refused at load time."""
 
 
 class WriteError(VBLoRAStoreError, OSError):

@@ -34,6 +34,8 @@ __all__ = ["LORA_PEFT_TYPE", "lora_key", "lora_config", "lora_tensors", "export_
 LORA_PEFT_TYPE = "LORA"
 #: VB-LoRA's bias modes and the LoRA modes that train (and save) the same biases.
 _LORA_BIAS = {"none": "none", "all": "all", "vblora_only": "lora_only"}
+#: Modules of one shape composed together: a Llama2-7B adapter's 32 layers in one go, a few MB at a time.
+_GROUP = 32
 
 
 def lora_key(module: str, side: str) -> str:
@@ -113,7 +115,7 @@ def lora_tensors(adapter: StoredAdapter) -> Iterator[tuple[str, torch.Tensor]]:
         >>> len(tensors), tuple(tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].shape)
         (28, (4, 64))
     """
-    for module, a, b in module_factors(adapter, dtype=torch.float32):
+    for module, a, b in module_factors(adapter, dtype=torch.float32, group=_GROUP):
         yield lora_key(module, "A"), a.contiguous()
         yield lora_key(module, "B"), b.contiguous()
     for key in adapter.other_keys:

@@ -20,7 +20,7 @@ import torch
 
 from .format.keys import BANK_KEY, indices_key, logits_key, weights_key
 from .format.stored import StoredAdapter
-from .topk import complete_weights, lora_factors, mix_weights
+from .topk import complete_weights, compose, lora_factors, mix_weights, subvector_factors
 
 __all__ = ["ModuleTopK", "module_sides", "module_topk", "module_factors"]
 
@@ -70,7 +70,11 @@ def module_topk(adapter: StoredAdapter, module: str, *, dtype: torch.dtype = tor
 
 
 def module_factors(
-    adapter: StoredAdapter, modules: Optional[list[str]] = None, *, dtype: torch.dtype = torch.float64
+    adapter: StoredAdapter,
+    modules: Optional[list[str]] = None,
+    *,
+    dtype: torch.dtype = torch.float64,
+    group: int = 1,
 ) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
     """Yield ``(module, A (r, in), B (out, r))`` for the modules of ``adapter``, composed in ``dtype``.
 
@@ -78,9 +82,13 @@ def module_factors(
         adapter: Any stored form.
         modules: Module names, in the order wanted; all of the adapter's by default.
         dtype: The dtype to compute in.
+        group: How many modules of one shape to compose at once: 1 reads and
+            builds one module at a time (least memory); more makes a few large
+            tensor operations of many small ones, which is what a whole
+            adapter's export wants (the values are the same).
 
     Returns:
-        An iterator; one module's tensors are read at a time, and their values checked.
+        An iterator in the order of ``modules``; the stored values are checked as they are read.
 
     Raises:
         InvalidAdapterError: a stored value is bad (NaN, index out of range).
@@ -92,5 +100,24 @@ def module_factors(
         ('model.layers.0.mlp.down_proj', (4, 128), (64, 4))
     """
     bank = adapter.checked_tensor(BANK_KEY).to(dtype)
-    for module in adapter.modules if modules is None else modules:
-        yield (module, *lora_factors(*module_topk(adapter, module, dtype=dtype), bank))
+    order = list(adapter.modules) if modules is None else modules
+    if group <= 1:
+        for module in order:
+            yield (module, *lora_factors(*module_topk(adapter, module, dtype=dtype), bank))
+        return
+    by_shape: dict[tuple[int, int], list[str]] = {}
+    for module in order:
+        shape = adapter.modules[module]
+        by_shape.setdefault((shape.in_features, shape.out_features), []).append(module)
+    built: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for members in by_shape.values():
+        for start in range(0, len(members), group):
+            chunk = members[start : start + group]
+            parts = zip(*(module_topk(adapter, module, dtype=dtype) for module in chunk))
+            stacked = ModuleTopK(*(torch.stack(part) for part in parts))  # each (..., k) -> (G, ..., k)
+            sub_a = compose(stacked.a_indices, stacked.a_weights, bank)  # (G, r, in/L, k) -> (G, r, in/L, L)
+            sub_b = compose(stacked.b_indices, stacked.b_weights, bank)  # (G, out/L, r, k) -> (.., L)
+            r = sub_a.shape[1]
+            built.update({m: subvector_factors(sub_a[i], sub_b[i], r) for i, m in enumerate(chunk)})
+    for module in order:
+        yield (module, *built.pop(module))
