@@ -25,6 +25,8 @@ from .topk import complete_weights, compose, lora_factors, mix_weights, subvecto
 __all__ = ["ModuleTopK", "module_sides", "module_topk", "module_factors"]
 
 SIDES = ("A", "B")
+#: Rows (sub-vectors) composed at once from a slot table: 1 MB of float32 sub-vectors at L=256, in the cache.
+_RUN_ROWS = 1024
 
 
 class ModuleTopK(NamedTuple):
@@ -101,6 +103,11 @@ def module_factors(
     """
     bank = adapter.checked_tensor(BANK_KEY).to(dtype)
     order = list(adapter.modules) if modules is None else modules
+    if group > 1 and adapter.slots is not None:
+        built = _slot_factors(adapter, set(order), bank)
+        for module in order:
+            yield (module, *built.pop(module))
+        return
     if group <= 1:
         for module in order:
             yield (module, *lora_factors(*module_topk(adapter, module, dtype=dtype), bank))
@@ -121,3 +128,41 @@ def module_factors(
             built.update({m: subvector_factors(sub_a[i], sub_b[i], r) for i, m in enumerate(chunk)})
     for module in order:
         yield (module, *built.pop(module))
+
+
+
+def _slot_factors(
+    adapter: StoredAdapter, wanted: set[str], bank: torch.Tensor
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The factors of the ``wanted`` modules of an adapter with a slot table, a run of modules at a time.
+
+    The table's rows are laid out module by module (:class:`~.format.stored.Slots`), so a run of
+    consecutive modules is composed by one gather and one weighted sum into a buffer that stays
+    in the cache (about :data:`_RUN_ROWS` rows), then copied into each module's own A and B.
+    Every value is computed as :func:`~.topk.compose` computes it; the table is checked once, whole.
+    """
+    slots = adapter.checked_slots()
+    r, length = adapter.config.r, adapter.config.vector_length
+    indices = slots.indices
+    weights = complete_weights(slots.weights.to(bank.dtype))  # (S, k-1) -> (S, k)
+    rows = [r * (shape.in_features + shape.out_features) // length for shape in adapter.modules.values()]
+    names = list(adapter.modules)
+    built: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    start, row = 0, 0
+    while start < len(names):
+        stop, count = start + 1, rows[start]
+        while stop < len(names) and count + rows[stop] <= _RUN_ROWS:
+            count, stop = count + rows[stop], stop + 1
+        if any(name in wanted for name in names[start:stop]):
+            run = compose(indices[row : row + count], weights[row : row + count], bank)  # (count, L)
+            offset = row
+            for name in names[start:stop]:
+                shape = adapter.modules[name]
+                size_a, size_b = r * shape.in_features // length, r * shape.out_features // length
+                if name in wanted:
+                    part = run[offset - row : offset - row + size_a + size_b]  # this module's (rows, L)
+                    a, b = subvector_factors(part[:size_a], part[size_a:], r)
+                    built[name] = (a.clone(), b)  # A is a view of the run; B a transposed copy already
+                offset += size_a + size_b
+        start, row = stop, row + count
+    return built

@@ -80,19 +80,23 @@ def complete_weights(weights: torch.Tensor) -> torch.Tensor:
     return torch.cat([weights, last], dim=-1)
 
 
-def compose(indices: torch.Tensor, weights: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
+def compose(
+    indices: torch.Tensor, weights: torch.Tensor, bank: torch.Tensor, *, out: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """Mix bank vectors into sub-vectors.
 
     Args:
         indices: ``(..., k)`` bank rows, any integer dtype.
         weights: ``(..., k)`` mixing weights (complete, summing to one).
         bank: ``(N, L)`` vector bank.
+        out: Where to write the ``(..., L)`` result (a slice of a larger tensor), or ``None``.
 
     Returns:
         ``(..., L)`` sub-vectors in the dtype of ``weights`` and ``bank`` promoted.
     """
-    vectors = bank[indices.long()]  # (..., k) -> (..., k, L)
-    return (weights.unsqueeze(-1) * vectors).sum(-2)  # (..., k, L) -> (..., L)
+    rows = torch.index_select(bank, 0, indices.reshape(-1).long())  # (..., k) -> (n·k, L)
+    vectors = rows.view(*indices.shape, bank.shape[-1])  # (n·k, L) -> (..., k, L)
+    return torch.sum(weights.unsqueeze(-1) * vectors, dim=-2, out=out)  # (..., k, L) -> (..., L)
 
 
 def subvector_factors(sub_a: torch.Tensor, sub_b: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:

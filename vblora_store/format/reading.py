@@ -112,6 +112,7 @@ def read_adapter(
     return StoredAdapter(
         folder=folder, name=name, config=config, weights_path=path, form=form, modules=modules,
         specs=decoded.specs, stored_specs=specs, packing=decoded.packing, reader=decoded.reader,
+        slots=decoded.slots,
     )  # fmt: skip
 
 

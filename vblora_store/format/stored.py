@@ -21,9 +21,9 @@ from ..config import VBLoRAConfig
 from ..dtypes import name_of
 from ..errors import InvalidAdapterError
 from ..storage_forms import StorageForm
-from .keys import BANK_KEY, parse_key
+from .keys import BANK_KEY, indices_key, parse_key, weights_key
 
-__all__ = ["ModuleShape", "TensorSpec", "StoredAdapter", "check_tensor_values"]
+__all__ = ["ModuleShape", "TensorSpec", "Slots", "StoredAdapter", "check_tensor_values"]
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,23 @@ class TensorSpec:
 
 
 @dataclass(frozen=True)
+class Slots:
+    """Every sub-vector slot's top-k selection, all modules in one table (a decoding codec's own layout).
+
+    Slots run module by module in the order of ``StoredAdapter.modules``, side A ``(r, in/L)`` then
+    side B ``(out/L, r)``, each row-major: the packed form's layout (docs/format.md).  Each PEFT
+    indices or weights tensor of the adapter is a view of one run of rows here.
+
+    Attributes:
+        indices: ``(S, k)`` bank indices, PEFT's index dtype.
+        weights: ``(S, k - 1)`` top-k weights as PEFT stores them (the last one dropped).
+    """
+
+    indices: torch.Tensor
+    weights: torch.Tensor
+
+
+@dataclass(frozen=True)
 class StoredAdapter:
     """One adapter as stored on disk: config, form, modules and lazy tensors.
 
@@ -76,6 +93,9 @@ class StoredAdapter:
         stored_specs: What the file itself holds (``specs`` but for a decoding codec).
         packing: The form's own description of how it stores values (a packed
             form's :class:`~vblora_store.format.codecs.packed.Packing`), or ``None``.
+        slots: Every module's indices and weights in one table, where the form decodes to one
+            (packed, compressed), else ``None``: what lets a whole adapter be composed in a few
+            large operations rather than a few per tensor.
     """
 
     folder: Path
@@ -88,6 +108,7 @@ class StoredAdapter:
     stored_specs: dict[str, TensorSpec]
     packing: Optional[Any] = None
     reader: Callable[[str], torch.Tensor] = field(default=None, repr=False, compare=False)
+    slots: Optional[Slots] = field(default=None, repr=False, compare=False)
 
     def __repr__(self) -> str:
         return f"StoredAdapter({str(self.folder)!r}, name={self.name!r}, form={self.form.value})"
@@ -128,6 +149,29 @@ class StoredAdapter:
         value = self.tensor(key)
         check_tensor_values(self, key, value)
         return value
+
+    def checked_slots(self) -> Slots:
+        """:attr:`slots`, their values checked at once by the rules :meth:`checked_tensor` applies per tensor.
+
+        A bad value is then looked up tensor by tensor, so the error names the
+        tensor that holds it, exactly as reading it alone would.
+
+        Raises:
+            ValueError: the adapter's form keeps no slot table (``slots`` is ``None``).
+            InvalidAdapterError: naming the file and the first bad tensor.
+        """
+        if self.slots is None:
+            raise ValueError(f"{self.weights_path}: its {self.form.value} form keeps no slot table")
+        n = self.config.num_vectors
+        if _value_problem(self.slots.indices, "indices", n) or _value_problem(self.slots.weights, "weights", n):
+            for module in self.modules:
+                for side in ("A", "B"):
+                    self.checked_tensor(indices_key(module, side))
+                    self.checked_tensor(weights_key(module, side))
+            raise InvalidAdapterError(  # the table and the tensors are the same values: not reached
+                f"{self.weights_path}: its top-k table holds a bad value; the file is damaged, fetch it again."
+            )
+        return self.slots
 
     def check_values(self) -> None:
         """Read every tensor once and check its values: finite floats, indices in ``[0, N)``.
@@ -173,24 +217,28 @@ def check_tensor_values(adapter: StoredAdapter, key: str, value: torch.Tensor) -
     row); top-k weights a sub-simplex; indices in ``[0, N)``.
     """
     parts = parse_key(key)
+    config = adapter.config
+    problem = _value_problem(value, None if parts is None else parts.part, config.num_vectors, topk=config.topk)
+    if problem is not None:
+        raise InvalidAdapterError(f"{adapter.weights_path}: tensor {key!r} {problem}")
+
+
+def _value_problem(value: torch.Tensor, part: Optional[str], num_vectors: int, *, topk: int = 0) -> Optional[str]:
+    """What is wrong with the values of a tensor of kind ``part`` (``"indices"``, ``"weights"``,
+    ``"logits"``, ``None`` for any other), as the end of a message, or ``None``: the rules, once."""
     if value.is_floating_point():
-        is_logits = parts is not None and parts.part == "logits"
-        problem = _non_finite(value, logits_k=adapter.config.topk if is_logits else None)
+        problem = _non_finite(value, logits_k=topk if part == "logits" else None)
         if problem is not None:
-            raise InvalidAdapterError(
-                f"{adapter.weights_path}: tensor {key!r} {problem}; the adapter is broken, retrain or restore it."
-            )
-        if parts is not None and parts.part == "weights":
+            return f"{problem}; the adapter is broken, retrain or restore it."
+        if part == "weights":
             if bool((value < 0).any()) or bool((value.sum(-1) > 1 + 1e-3).any()):
-                raise InvalidAdapterError(
-                    f"{adapter.weights_path}: tensor {key!r} is not a set of top-k softmax weights "
-                    "(negative, or summing above 1); the file is damaged."
+                return (
+                    "is not a set of top-k softmax weights (negative, or summing above 1); the file is damaged."
                 )
-    if parts is not None and parts.part == "indices":
-        n = adapter.config.num_vectors
-        if value.numel() and (int(value.min()) < 0 or int(value.max()) >= n):
-            raise InvalidAdapterError(
-                f"{adapter.weights_path}: tensor {key!r} holds indices outside [0, {n}); "
-                "the file does not match num_vectors in its config; restore the file or its config from the "
-                "source."
+    if part == "indices":
+        if value.numel() and (int(value.min()) < 0 or int(value.max()) >= num_vectors):
+            return (
+                f"holds indices outside [0, {num_vectors}); the file does not match num_vectors in its config; "
+                "restore the file or its config from the source."
             )
+    return None

@@ -18,7 +18,7 @@ import torch
 
 from ...config import VBLoRAConfig
 from ..keys import parse_key
-from ..stored import StoredAdapter, TensorSpec
+from ..stored import Slots, StoredAdapter, TensorSpec
 from .checks import check_expansion
 
 __all__ = ["FormCounts", "Decoded", "Codec", "peft_kind"]
@@ -50,12 +50,15 @@ class Decoded:
         reader: Reads one tensor by PEFT key.
         order: The module order the file declares (``None``: the keys' order).
         packing: The codec's description of how values are stored, or ``None``.
+        slots: All indices and weights in one table, of which the top-k tensors are views
+            (:class:`~vblora_store.format.stored.Slots`), or ``None``.
     """
 
     specs: dict[str, TensorSpec]
     reader: Callable[[str], torch.Tensor]
     order: Optional[list[str]] = None
     packing: Any = None
+    slots: Optional[Slots] = None
 
 
 def peft_kind(specs: dict[str, TensorSpec]) -> str:

@@ -26,7 +26,7 @@ from ...dtypes import name_of
 from ...errors import InvalidAdapterError, UnsupportedConversionError
 from ..bitpack import bits_for, pack, packed_size, unpack
 from ..keys import BANK_KEY, index_dtype, indices_key, parse_key, weights_key
-from ..stored import TensorSpec
+from ..stored import Slots, TensorSpec
 from .base import Codec, Decoded, FormCounts
 from .precision import (
     BANK,
@@ -131,7 +131,7 @@ def unpack_topk(
     vector_length: int,
     topk: int,
     source: str,
-) -> tuple[list[tuple[str, int, int]], dict[str, torch.Tensor], Packing]:
+) -> tuple[list[tuple[str, int, int]], dict[str, torch.Tensor], Packing, Slots]:
     """Packed tensors -> PEFT's top-k tensors.
 
     Args:
@@ -141,8 +141,9 @@ def unpack_topk(
         source: The file, named in errors.
 
     Returns:
-        ``(modules, tensors, packing)``: the module table as ``(name, in, out)``,
-        PEFT's top-k state dict, and the :class:`Packing`.
+        ``(modules, tensors, packing, slots)``: the module table as ``(name, in, out)``,
+        PEFT's top-k state dict, the :class:`Packing`, and the indices and weights of every slot
+        in one table, of which the top-k tensors are views.
 
     Raises:
         InvalidAdapterError: the metadata or a tensor does not fit the config.
@@ -201,7 +202,7 @@ def unpack_topk(
             rows, cols, topk - 1
         )  # (n, k-1) -> (rows, cols, k-1)
         slot += n
-    return modules, out, d.packing
+    return modules, out, d.packing, Slots(indices.reshape(slots, topk), weights)  # (S·k,) -> (S, k)
 
 
 def unpacked_bytes(d: Description, *, num_vectors: int, vector_length: int, topk: int) -> int:
@@ -276,12 +277,12 @@ class PackedCodec(Codec):
 
     def unpack(self, stored: dict[str, torch.Tensor], metadata, config, path) -> Decoded:
         """:meth:`decode_tensors` of tensors already in memory (the compressed form's, once decompressed)."""
-        modules, tensors, packing = unpack_topk(
+        modules, tensors, packing, slots = unpack_topk(
             stored, metadata, r=config.r, num_vectors=config.num_vectors, vector_length=config.vector_length,
             topk=config.topk, source=str(path),
         )  # fmt: skip
         views = {k: TensorSpec(v.dtype, tuple(v.shape)) for k, v in tensors.items()}
-        return Decoded(views, tensors.__getitem__, order=[m[0] for m in modules], packing=packing)
+        return Decoded(views, tensors.__getitem__, order=[m[0] for m in modules], packing=packing, slots=slots)
 
     def encode(self, adapter, *, weights_dtype=WeightsDtype.FLOAT32, bank_dtype=BankDtype.FLOAT32, **options):
         tensors, _ = TOPK.encode(adapter)
