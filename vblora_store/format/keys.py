@@ -15,6 +15,7 @@ where ``...`` is ``(r, in/L)`` for A and ``(out/L, r)`` for B.  Any other tensor
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 from typing import NamedTuple, Optional
 
 import torch
@@ -51,6 +52,7 @@ class KeyParts(NamedTuple):
     part: str  # "logits", "indices" or "weights"
 
 
+@lru_cache(maxsize=1 << 14)  # a server reads the same few thousand key names for every adapter of a base model
 def parse_key(key: str) -> Optional[KeyParts]:
     """Split a logits, indices or weights key; ``None`` for any other tensor.
 

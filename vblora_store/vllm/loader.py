@@ -16,7 +16,9 @@ through vLLM's loader untouched.
 from __future__ import annotations
 
 import json
+import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Optional
@@ -201,7 +203,7 @@ def _read_and_expand(path: Any, name: str, served: ServedModules, *, max_lora_ra
 
 
 def _on_one_thread(work: Callable[[], Any]) -> Any:
-    """``work()`` in a thread of its own whose torch ops run single-threaded; its result or its exception.
+    """``work()`` on this process's expansion thread, whose torch ops run single-threaded; its result or error.
 
     Expanding is many small tensor operations.  On vLLM's CPU workers torch's
     OpenMP threads are bound to cores, and small operations spread over them
@@ -209,25 +211,28 @@ def _on_one_thread(work: Callable[[], Any]) -> Any:
     share the cores: benchmarks/bench_vllm.py).  torch's thread count is
     per-thread (OpenMP's and MKL's settings of the calling thread), so a thread
     of our own asks for one without touching the worker's; vLLM replaces
-    ``torch.set_num_threads`` in its workers, hence ``torch._C``'s own.
+    ``torch.set_num_threads`` in its workers, hence ``torch._C``'s own.  The
+    thread lives as long as the process: a fresh thread per load took a fresh
+    malloc arena, whose pages fault in again on every load (about half as slow
+    again at Llama2-7B shape).  One per process, made again after a fork.
     """
-    import torch
+    global _EXPANDER
+    with _EXPANDER_LOCK:
+        if _EXPANDER is None or _EXPANDER[0] != os.getpid():
+            import torch
 
-    outcome: dict[str, Any] = {}
+            pool = ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="vblora-expand", initializer=torch._C.set_num_threads,
+                initargs=(1,),
+            )  # fmt: skip
+            _EXPANDER = (os.getpid(), pool)
+        pool = _EXPANDER[1]
+    return pool.submit(work).result()
 
-    def run() -> None:
-        try:
-            torch._C.set_num_threads(1)
-            outcome["result"] = work()
-        except BaseException as e:  # handed to the caller's thread, raised there
-            outcome["error"] = e
 
-    thread = threading.Thread(target=run, name="vblora-expand")
-    thread.start()
-    thread.join()
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["result"]
+#: The expansion thread of this process: ``(pid, executor)``.
+_EXPANDER: Optional[tuple[int, ThreadPoolExecutor]] = None
+_EXPANDER_LOCK = threading.Lock()
 
 
 def install() -> None:
