@@ -210,3 +210,36 @@ def test_composing_modules_of_one_shape_together_gives_the_same_factors_bit_for_
             assert [m for m, _, _ in grouped] == [m for m, _, _ in one]
             for (_, a, b), (_, a1, b1) in zip(grouped, one):
                 assert torch.equal(a, a1) and torch.equal(b, b1)
+
+
+def test_composing_two_vectors_gives_torchs_sum_bit_for_bit_signed_zeros_included():
+    """k=2 adds the two products instead of summing them: the same bits, even where both are -0."""
+    from vblora_store.topk import compose
+
+    bank = torch.tensor([[-0.0, 0.0, -1.0, 2.0, -0.0], [-0.0, -0.0, 1.0, -2.0, 3.0]])
+    indices = torch.tensor([[0, 1], [1, 0], [0, 0]])
+    weights = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.25, 0.75]])
+    reference = (weights.unsqueeze(-1) * bank[indices]).sum(-2)  # (3, 2, 5) -> (3, 5)
+    composed = compose(indices, weights, bank)
+    assert torch.equal(composed.view(torch.int32), reference.view(torch.int32))
+    assert not torch.signbit(composed[:, 0]).any()  # -0 + -0 summed from +0: +0, as torch's sum gives
+
+
+@pytest.mark.parametrize("form", ["packed", "compressed"])
+def test_a_bad_index_in_the_slot_table_names_its_tensor_as_reading_it_alone_would(multi_copy, tmp_path, form):
+    """The slot table is checked at once; a bad value is then found tensor by tensor, for the message."""
+    from vblora_store.errors import InvalidAdapterError
+    from vblora_store.factors import module_factors
+    from vblora_store.format.keys import indices_key
+
+    convert(multi_copy, tmp_path / form, to=form)
+    adapter = read_adapters(tmp_path / form)[0]
+    config = adapter.config
+    rows = [config.r * (s.in_features + s.out_features) // config.vector_length for s in adapter.modules.values()]
+    module = list(adapter.modules)[1]
+    adapter.slots.indices[rows[0] + rows[1] - 1, 0] = config.num_vectors  # module 1's last row: its side B
+    with pytest.raises(InvalidAdapterError) as alone:
+        adapter.checked_tensor(indices_key(module, "B"))
+    with pytest.raises(InvalidAdapterError) as whole:
+        list(module_factors(adapter, dtype=torch.float32, group=32))
+    assert str(whole.value) == str(alone.value) and indices_key(module, "B") in str(whole.value)

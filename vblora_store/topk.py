@@ -95,8 +95,10 @@ def compose(
         ``(..., L)`` sub-vectors in the dtype of ``weights`` and ``bank`` promoted.
     """
     rows = torch.index_select(bank, 0, indices.reshape(-1).long())  # (..., k) -> (n·k, L)
-    vectors = rows.view(*indices.shape, bank.shape[-1])  # (n·k, L) -> (..., k, L)
-    return torch.sum(weights.unsqueeze(-1) * vectors, dim=-2, out=out)  # (..., k, L) -> (..., L)
+    products = weights.unsqueeze(-1) * rows.view(*indices.shape, bank.shape[-1])  # (n·k, L) -> (..., k, L)
+    if indices.shape[-1] == 2:  # the same sum, 3x faster: torch's sum adds from +0, so -0 + -0 gives +0 too
+        return torch.add(products[..., 0, :], products[..., 1, :], out=out).add_(0.0)
+    return torch.sum(products, dim=-2, out=out)  # (..., k, L) -> (..., L)
 
 
 def subvector_factors(sub_a: torch.Tensor, sub_b: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:

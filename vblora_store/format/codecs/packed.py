@@ -17,7 +17,8 @@ and bank (the default) bit for bit.
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from collections.abc import Mapping
+from typing import Iterable, Iterator, Optional
 
 import torch
 
@@ -131,7 +132,7 @@ def unpack_topk(
     vector_length: int,
     topk: int,
     source: str,
-) -> tuple[list[tuple[str, int, int]], dict[str, torch.Tensor], Packing, Slots]:
+) -> tuple[list[tuple[str, int, int]], "TopKViews", Packing, Slots]:
     """Packed tensors -> PEFT's top-k tensors.
 
     Args:
@@ -142,8 +143,8 @@ def unpack_topk(
 
     Returns:
         ``(modules, tensors, packing, slots)``: the module table as ``(name, in, out)``,
-        PEFT's top-k state dict, the :class:`Packing`, and the indices and weights of every slot
-        in one table, of which the top-k tensors are views.
+        PEFT's top-k state dict (:class:`TopKViews`), the :class:`Packing`, and the indices and
+        weights of every slot in one table, of which the top-k tensors are views.
 
     Raises:
         InvalidAdapterError: the metadata or a tensor does not fit the config.
@@ -190,19 +191,51 @@ def unpack_topk(
         bank = tensors[BANK]
     else:
         bank = decode_bank(tensors, bank_dtype, (num_vectors, vector_length), bad=bad)
-    out = {k: v for k, v in tensors.items() if not k.startswith(PREFIX)}
-    out[BANK_KEY] = bank.to(restore_bank.torch)
-    slot = 0
-    for name, side, (rows, cols) in shapes:
-        n = rows * cols
-        out[indices_key(name, side)] = indices[slot * topk : (slot + n) * topk].reshape(
-            rows, cols, topk
-        )  # (n·k,) -> (rows, cols, k)
-        out[weights_key(name, side)] = weights[slot : slot + n].reshape(
-            rows, cols, topk - 1
-        )  # (n, k-1) -> (rows, cols, k-1)
-        slot += n
-    return modules, out, d.packing, Slots(indices.reshape(slots, topk), weights)  # (S·k,) -> (S, k)
+    others = {k: v for k, v in tensors.items() if not k.startswith(PREFIX)}
+    others[BANK_KEY] = bank.to(restore_bank.torch)
+    table = Slots(indices.reshape(slots, topk), weights)  # (S·k,) -> (S, k)
+    return modules, TopKViews(others, table, shapes), d.packing, table
+
+
+class TopKViews(Mapping):
+    """PEFT's top-k state dict over a slot table: the other tensors as they are, and each module side's
+    indices ``(rows, cols, k)`` and weights ``(rows, cols, k - 1)`` made, as a view of the table, when asked for.
+
+    Keys run as unpacking always gave them: the other tensors, the bank, then each side's indices and
+    weights in the table's order.
+    """
+
+    def __init__(self, others: dict[str, torch.Tensor], table: Slots, shapes: list):
+        self._others, self._table = others, table
+        self._runs: dict[str, tuple[bool, int, int, int]] = {}
+        row = 0
+        for name, side, (rows, cols) in shapes:
+            self._runs[indices_key(name, side)] = (True, row, rows, cols)
+            self._runs[weights_key(name, side)] = (False, row, rows, cols)
+            row += rows * cols
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key in self._others:
+            return self._others[key]
+        is_indices, row, rows, cols = self._runs[key]
+        values = self._table.indices if is_indices else self._table.weights
+        return values[row : row + rows * cols].reshape(rows, cols, values.shape[1])  # (n, k) -> (rows, cols, k)
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self._others
+        yield from self._runs
+
+    def __len__(self) -> int:
+        return len(self._others) + len(self._runs)
+
+    def spec(self, key: str) -> TensorSpec:
+        """The dtype and shape of ``key``'s tensor, without making it."""
+        if key in self._others:
+            value = self._others[key]
+            return TensorSpec(value.dtype, tuple(value.shape))
+        is_indices, _, rows, cols = self._runs[key]
+        values = self._table.indices if is_indices else self._table.weights
+        return TensorSpec(values.dtype, (rows, cols, values.shape[1]))
 
 
 def unpacked_bytes(d: Description, *, num_vectors: int, vector_length: int, topk: int) -> int:
@@ -281,7 +314,7 @@ class PackedCodec(Codec):
             stored, metadata, r=config.r, num_vectors=config.num_vectors, vector_length=config.vector_length,
             topk=config.topk, source=str(path),
         )  # fmt: skip
-        views = {k: TensorSpec(v.dtype, tuple(v.shape)) for k, v in tensors.items()}
+        views = {key: tensors.spec(key) for key in tensors}
         return Decoded(views, tensors.__getitem__, order=[m[0] for m in modules], packing=packing, slots=slots)
 
     def encode(self, adapter, *, weights_dtype=WeightsDtype.FLOAT32, bank_dtype=BankDtype.FLOAT32, **options):
