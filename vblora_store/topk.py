@@ -80,25 +80,27 @@ def complete_weights(weights: torch.Tensor) -> torch.Tensor:
     return torch.cat([weights, last], dim=-1)
 
 
-def compose(
-    indices: torch.Tensor, weights: torch.Tensor, bank: torch.Tensor, *, out: Optional[torch.Tensor] = None
-) -> torch.Tensor:
+def compose(indices: torch.Tensor, weights: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
     """Mix bank vectors into sub-vectors.
 
     Args:
         indices: ``(..., k)`` bank rows, any integer dtype.
         weights: ``(..., k)`` mixing weights (complete, summing to one).
         bank: ``(N, L)`` vector bank.
-        out: Where to write the ``(..., L)`` result (a slice of a larger tensor), or ``None``.
 
     Returns:
         ``(..., L)`` sub-vectors in the dtype of ``weights`` and ``bank`` promoted.
     """
     rows = torch.index_select(bank, 0, indices.reshape(-1).long())  # (..., k) -> (n·k, L)
-    products = weights.unsqueeze(-1) * rows.view(*indices.shape, bank.shape[-1])  # (n·k, L) -> (..., k, L)
+    vectors = rows.view(*indices.shape, bank.shape[-1])  # (n·k, L) -> (..., k, L)
+    differentiable = torch.is_grad_enabled() and (weights.requires_grad or bank.requires_grad)
+    if weights.dtype == bank.dtype and not differentiable:  # weigh the gathered rows where they are
+        products = vectors.mul_(weights.unsqueeze(-1))
+    else:
+        products = weights.unsqueeze(-1) * vectors
     if indices.shape[-1] == 2:  # the same sum, 3x faster: torch's sum adds from +0, so -0 + -0 gives +0 too
-        return torch.add(products[..., 0, :], products[..., 1, :], out=out).add_(0.0)
-    return torch.sum(products, dim=-2, out=out)  # (..., k, L) -> (..., L)
+        return torch.add(products[..., 0, :], products[..., 1, :]).add_(0.0)
+    return products.sum(-2)  # (..., k, L) -> (..., L)
 
 
 def subvector_factors(sub_a: torch.Tensor, sub_b: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -172,7 +172,8 @@ class CompressedCodec(Codec):
             return _bad(path, message)
 
         _, entries, packed_text = self._description(metadata, path)
-        layout = self._layout(packed_text, config, path).expected
+        description = self._layout(packed_text, config, path)
+        layout = description.expected
         for key in specs:
             if key.startswith(PREFIX) and key[len(PREFIX) :] not in entries:
                 raise bad(f"it holds {key!r}, which its metadata does not list")
@@ -204,7 +205,7 @@ class CompressedCodec(Codec):
                 chunk, offset = data[offset : offset + size], offset + size
                 raw_planes.append(self._plane(decompressor, chunk, kind, count, key, bad))
             tensors[key] = _join(raw_planes, dtype, shape)
-        decoded = PACKED.unpack(tensors, {PACKED_KEY: packed_text}, config, path)
+        decoded = PACKED.unpack(tensors, {PACKED_KEY: packed_text}, config, path, description)
         stored = sum(spec.nbytes for spec in specs.values())
         packing = CompressedPacking(**vars(decoded.packing), stored_bytes=stored)
         return Decoded(decoded.specs, decoded.reader, order=decoded.order, packing=packing, slots=decoded.slots)

@@ -132,6 +132,7 @@ def unpack_topk(
     vector_length: int,
     topk: int,
     source: str,
+    description: Optional[Description] = None,
 ) -> tuple[list[tuple[str, int, int]], "TopKViews", Packing, Slots]:
     """Packed tensors -> PEFT's top-k tensors.
 
@@ -140,6 +141,7 @@ def unpack_topk(
         metadata: Its safetensors metadata.
         r, num_vectors, vector_length, topk: From the adapter's config.
         source: The file, named in errors.
+        description: ``metadata``'s description, if the caller has already read it (:func:`read_description`).
 
     Returns:
         ``(modules, tensors, packing, slots)``: the module table as ``(name, in, out)``,
@@ -149,14 +151,10 @@ def unpack_topk(
     Raises:
         InvalidAdapterError: the metadata or a tensor does not fit the config.
     """
-    d = read_description(
-        metadata[METADATA_KEY],
-        r=r,
-        num_vectors=num_vectors,
-        vector_length=vector_length,
-        topk=topk,
+    d = description or read_description(
+        metadata[METADATA_KEY], r=r, num_vectors=num_vectors, vector_length=vector_length, topk=topk,
         source=source,
-    )
+    )  # fmt: skip
     bits, weights_dtype, bank_dtype = d.packing.index_bits, d.packing.weights, d.packing.bank
     restore_weights, restore_bank, slots, shapes, modules, expected = (
         d.restore_weights, d.restore_bank, d.slots, d.shapes, d.modules, d.expected
@@ -308,11 +306,11 @@ class PackedCodec(Codec):
         """Unpack the (small) file into PEFT's top-k tensors in memory."""
         return self.unpack({key: reader(key) for key in specs}, metadata, config, path)
 
-    def unpack(self, stored: dict[str, torch.Tensor], metadata, config, path) -> Decoded:
+    def unpack(self, stored: dict[str, torch.Tensor], metadata, config, path, description=None) -> Decoded:
         """:meth:`decode_tensors` of tensors already in memory (the compressed form's, once decompressed)."""
         modules, tensors, packing, slots = unpack_topk(
             stored, metadata, r=config.r, num_vectors=config.num_vectors, vector_length=config.vector_length,
-            topk=config.topk, source=str(path),
+            topk=config.topk, source=str(path), description=description,
         )  # fmt: skip
         views = {key: tensors.spec(key) for key in tensors}
         return Decoded(views, tensors.__getitem__, order=[m[0] for m in modules], packing=packing, slots=slots)
