@@ -235,7 +235,8 @@ def test_a_bad_index_in_the_slot_table_names_its_tensor_as_reading_it_alone_woul
     convert(multi_copy, tmp_path / form, to=form)
     adapter = read_adapters(tmp_path / form)[0]
     config = adapter.config
-    rows = [config.r * (s.in_features + s.out_features) // config.vector_length for s in adapter.modules.values()]
+    length = config.vector_length
+    rows = [config.r * (s.in_features + s.out_features) // length for s in adapter.modules.values()]
     module = list(adapter.modules)[1]
     adapter.slots.indices[rows[0] + rows[1] - 1, 0] = config.num_vectors  # module 1's last row: its side B
     with pytest.raises(InvalidAdapterError) as alone:

@@ -87,7 +87,9 @@ def module_factors(
         group: How many modules of one shape to compose at once: 1 reads and
             builds one module at a time (least memory); more makes a few large
             tensor operations of many small ones, which is what a whole
-            adapter's export wants (the values are the same).
+            adapter's export wants (the values are the same).  A packed or
+            compressed adapter, whose indices and weights are one table, is
+            then composed a run of consecutive modules at a time instead.
 
     Returns:
         An iterator in the order of ``modules``; the stored values are checked as they are read.
@@ -128,7 +130,6 @@ def module_factors(
             built.update({m: subvector_factors(sub_a[i], sub_b[i], r) for i, m in enumerate(chunk)})
     for module in order:
         yield (module, *built.pop(module))
-
 
 
 def _slot_factors(

@@ -52,7 +52,7 @@ class KeyParts(NamedTuple):
     part: str  # "logits", "indices" or "weights"
 
 
-@lru_cache(maxsize=1 << 14)  # a server reads the same few thousand key names for every adapter of a base model
+@lru_cache(maxsize=1 << 14)  # a server reads the same key names for every adapter of a base model
 def parse_key(key: str) -> Optional[KeyParts]:
     """Split a logits, indices or weights key; ``None`` for any other tensor.
 

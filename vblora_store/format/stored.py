@@ -163,13 +163,15 @@ class StoredAdapter:
         if self.slots is None:
             raise ValueError(f"{self.weights_path}: its {self.form.value} form keeps no slot table")
         n = self.config.num_vectors
-        if _value_problem(self.slots.indices, "indices", n) or _value_problem(self.slots.weights, "weights", n):
+        indices, weights = self.slots.indices, self.slots.weights
+        if _value_problem(indices, "indices", n) or _value_problem(weights, "weights", n):
             for module in self.modules:
                 for side in ("A", "B"):
                     self.checked_tensor(indices_key(module, side))
                     self.checked_tensor(weights_key(module, side))
             raise InvalidAdapterError(  # the table and the tensors are the same values: not reached
-                f"{self.weights_path}: its top-k table holds a bad value; the file is damaged, fetch it again."
+                f"{self.weights_path}: its top-k table holds a bad value; the file is damaged, "
+                "fetch it again."
             )
         return self.slots
 
@@ -218,12 +220,15 @@ def check_tensor_values(adapter: StoredAdapter, key: str, value: torch.Tensor) -
     """
     parts = parse_key(key)
     config = adapter.config
-    problem = _value_problem(value, None if parts is None else parts.part, config.num_vectors, topk=config.topk)
+    part = None if parts is None else parts.part
+    problem = _value_problem(value, part, config.num_vectors, topk=config.topk)
     if problem is not None:
         raise InvalidAdapterError(f"{adapter.weights_path}: tensor {key!r} {problem}")
 
 
-def _value_problem(value: torch.Tensor, part: Optional[str], num_vectors: int, *, topk: int = 0) -> Optional[str]:
+def _value_problem(
+    value: torch.Tensor, part: Optional[str], num_vectors: int, *, topk: int = 0
+) -> Optional[str]:
     """What is wrong with the values of a tensor of kind ``part`` (``"indices"``, ``"weights"``,
     ``"logits"``, ``None`` for any other), as the end of a message, or ``None``: the rules, once."""
     if value.is_floating_point():
@@ -233,12 +238,13 @@ def _value_problem(value: torch.Tensor, part: Optional[str], num_vectors: int, *
         if part == "weights":
             if bool((value < 0).any()) or bool((value.sum(-1) > 1 + 1e-3).any()):
                 return (
-                    "is not a set of top-k softmax weights (negative, or summing above 1); the file is damaged."
+                    "is not a set of top-k softmax weights (negative, or summing above 1); "
+                    "the file is damaged."
                 )
     if part == "indices":
         if value.numel() and (int(value.min()) < 0 or int(value.max()) >= num_vectors):
             return (
-                f"holds indices outside [0, {num_vectors}); the file does not match num_vectors in its config; "
-                "restore the file or its config from the source."
+                f"holds indices outside [0, {num_vectors}); the file does not match num_vectors in its "
+                "config; restore the file or its config from the source."
             )
     return None

@@ -203,7 +203,7 @@ def _read_and_expand(path: Any, name: str, served: ServedModules, *, max_lora_ra
 
 
 def _on_one_thread(work: Callable[[], Any]) -> Any:
-    """``work()`` on this process's expansion thread, whose torch ops run single-threaded; its result or error.
+    """``work()`` on this process's expansion thread (torch ops single-threaded); its result or error.
 
     Expanding is many small tensor operations.  On vLLM's CPU workers torch's
     OpenMP threads are bound to cores, and small operations spread over them

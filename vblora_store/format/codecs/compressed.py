@@ -208,7 +208,9 @@ class CompressedCodec(Codec):
         decoded = PACKED.unpack(tensors, {PACKED_KEY: packed_text}, config, path, description)
         stored = sum(spec.nbytes for spec in specs.values())
         packing = CompressedPacking(**vars(decoded.packing), stored_bytes=stored)
-        return Decoded(decoded.specs, decoded.reader, order=decoded.order, packing=packing, slots=decoded.slots)
+        return Decoded(
+            decoded.specs, decoded.reader, order=decoded.order, packing=packing, slots=decoded.slots
+        )
 
     @staticmethod
     def _description(metadata, path) -> tuple[dict, dict, str]:

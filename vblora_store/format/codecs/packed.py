@@ -196,8 +196,9 @@ def unpack_topk(
 
 
 class TopKViews(Mapping):
-    """PEFT's top-k state dict over a slot table: the other tensors as they are, and each module side's
-    indices ``(rows, cols, k)`` and weights ``(rows, cols, k - 1)`` made, as a view of the table, when asked for.
+    """PEFT's top-k state dict over a slot table: the other tensors as they are, and each module
+    side's indices ``(rows, cols, k)`` and weights ``(rows, cols, k - 1)`` made (a view of the
+    table) when asked for.
 
     Keys run as unpacking always gave them: the other tensors, the bank, then each side's indices and
     weights in the table's order.
@@ -217,7 +218,8 @@ class TopKViews(Mapping):
             return self._others[key]
         is_indices, row, rows, cols = self._runs[key]
         values = self._table.indices if is_indices else self._table.weights
-        return values[row : row + rows * cols].reshape(rows, cols, values.shape[1])  # (n, k) -> (rows, cols, k)
+        run = values[row : row + rows * cols]
+        return run.reshape(rows, cols, values.shape[1])  # (n, k) -> (rows, cols, k)
 
     def __iter__(self) -> Iterator[str]:
         yield from self._others
@@ -313,7 +315,8 @@ class PackedCodec(Codec):
             topk=config.topk, source=str(path), description=description,
         )  # fmt: skip
         views = {key: tensors.spec(key) for key in tensors}
-        return Decoded(views, tensors.__getitem__, order=[m[0] for m in modules], packing=packing, slots=slots)
+        order = [m[0] for m in modules]
+        return Decoded(views, tensors.__getitem__, order=order, packing=packing, slots=slots)
 
     def encode(self, adapter, *, weights_dtype=WeightsDtype.FLOAT32, bank_dtype=BankDtype.FLOAT32, **options):
         tensors, _ = TOPK.encode(adapter)
