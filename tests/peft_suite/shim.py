@@ -23,7 +23,7 @@ from vblora_store.engine import functions
 
 _REAL = {name: getattr(peft, name) for name in (
     "get_peft_model", "PeftModel", "inject_adapter_in_model", "get_peft_model_state_dict",
-    "set_peft_model_state_dict")}  # fmt: skip
+    "set_peft_model_state_dict", "get_base_model_state_dict", "set_base_model_state_dict")}  # fmt: skip
 
 
 def _is_vblora_config(config: Any) -> bool:
@@ -107,6 +107,10 @@ def install() -> None:
             "get_peft_model_state_dict", functions.get_peft_model_state_dict, lambda m, _: _is_ours(m)),
         "set_peft_model_state_dict": _dispatch(
             "set_peft_model_state_dict", functions.set_peft_model_state_dict, lambda m, _: _is_ours(m)),
+        "get_base_model_state_dict": _dispatch(
+            "get_base_model_state_dict", functions.get_base_model_state_dict, lambda m, _: _is_ours(m)),
+        "set_base_model_state_dict": _dispatch(
+            "set_base_model_state_dict", functions.set_base_model_state_dict, lambda m, _: _is_ours(m)),
     }  # fmt: skip
     for name, value in replacements.items():
         setattr(peft, name, value)

@@ -25,9 +25,16 @@ from ..topk import select_topk
 from .layer import VBLoRALinear
 from .model import VBLoRAModel
 from .saving import embedding_tensors, saved_config
+from .trainable import ModulesToSave
 from .state import adapter_layers, adapter_state_dict, embedding_parameters, other_parameters
 
-__all__ = ["get_peft_model_state_dict", "inject_adapter_in_model", "set_peft_model_state_dict"]
+__all__ = [
+    "get_base_model_state_dict",
+    "get_peft_model_state_dict",
+    "inject_adapter_in_model",
+    "set_base_model_state_dict",
+    "set_peft_model_state_dict",
+]
 
 
 def inject_adapter_in_model(
@@ -153,11 +160,13 @@ def set_peft_model_state_dict(
         >>> set_peft_model_state_dict(model, sd).unexpected_keys
         []
     """
+    model = _peft_model(model, unwrap_compiled=True)
     config = _config(model, adapter_name)
     places = _model_keys(model, adapter_name)
     num_vectors = config.num_vectors
     remapped: dict[str, torch.Tensor] = {}
     unexpected: list[str] = []
+    own = model.state_dict()
     for key, value in peft_model_state_dict.items():
         parts = parse_key(key)
         if parts is not None and parts.part == "weights":
@@ -165,12 +174,11 @@ def set_peft_model_state_dict(
         if parts is not None and parts.part == "indices":
             weights = peft_model_state_dict[key.replace("_topk_indices", "_topk_weights")]
             key, value = logits_key(parts.module, parts.side), _logits_from_topk(value, weights, num_vectors)
-        if key in places:
-            remapped[places[key]] = value
+        if key in places or key in own:  # PEFT's keys of other tensors (a bias the adapter trains) are the model's
+            remapped[places.get(key, key)] = value
         else:
             unexpected.append(key)
     loadable, mismatched = {}, []
-    own = model.state_dict()
     for key, value in remapped.items():
         if key in own and tuple(own[key].shape) != tuple(value.shape) and ignore_mismatched_sizes:
             mismatched.append(f"- {key}: found shape {list(value.shape)} in the checkpoint and "
@@ -189,6 +197,82 @@ def set_peft_model_state_dict(
     return _IncompatibleKeys(result.missing_keys, result.unexpected_keys + unexpected)
 
 
+def get_base_model_state_dict(model: VBLoRAModel) -> dict[str, torch.Tensor]:
+    """The wrapped model's own state dict, under the keys it had before any adapter (PEFT's function).
+
+    Adapter tensors are left out and the wrappers' infixes dropped
+    (``lin0.base_layer.weight`` -> ``lin0.weight``; a ``modules_to_save`` head's
+    original module, not its copies).
+
+    Args:
+        model: The ``VBLoRAModel``.
+
+    Returns:
+        Original key -> tensor.
+
+    Example:
+        >>> "model.layers.0.self_attn.q_proj.weight" in get_base_model_state_dict(model)
+        True
+    """
+    model = _peft_model(model, unwrap_compiled=True)
+    own = model.base_model.model.state_dict()
+    return {original: own[key] for original, key in _original_keys(model).items()}
+
+
+def set_base_model_state_dict(
+    model: VBLoRAModel, state_dict: dict[str, torch.Tensor], strict: bool = True
+) -> _IncompatibleKeys:
+    """Load a state dict keyed as the model was before any adapter into the wrapped model (PEFT's function).
+
+    Args:
+        model: The ``VBLoRAModel``.
+        state_dict: Original key -> tensor (as :func:`get_base_model_state_dict` gives).
+        strict: Raise on a missing or unexpected key (nothing is loaded then).
+
+    Returns:
+        ``(missing_keys, unexpected_keys)``, in the original keys.
+
+    Raises:
+        RuntimeError: ``strict`` and keys missing or unexpected (as torch's and PEFT's).
+
+    Example:
+        >>> set_base_model_state_dict(model, get_base_model_state_dict(model)).missing_keys
+        []
+    """
+    model = _peft_model(model, unwrap_compiled=True)
+    places = _original_keys(model)
+    unexpected = [key for key in state_dict if key not in places]
+    missing = [key for key in places if key not in state_dict]
+    if strict and (missing or unexpected):
+        problems = [f"{what} key(s) in state_dict: {keys}"
+                    for what, keys in (("Missing", missing), ("Unexpected", unexpected)) if keys]  # fmt: skip
+        raise RuntimeError("Error(s) in loading state_dict:\n\t" + "\n\t".join(problems))
+    loadable = {places[key]: value for key, value in state_dict.items() if key in places}
+    model.base_model.model.load_state_dict(loadable, strict=False)
+    return _IncompatibleKeys(missing, unexpected)
+
+
+def _original_keys(model: VBLoRAModel) -> dict[str, str]:
+    """Original key -> the wrapped model's key, for every tensor that is not an adapter's."""
+    inner = model.base_model.model
+    out: dict[str, str] = {}
+    for key in inner.state_dict():
+        current: Any = inner
+        kept: list[str] = []
+        for part in key.split("."):
+            inside = {VBLoRALinear: "base_layer", ModulesToSave: "original_module"}.get(type(current))
+            if inside is not None:
+                if part != inside:
+                    break  # an adapter's tensor (logits, copies, factor stacks)
+                current = getattr(current, inside)
+                continue
+            kept.append(part)
+            current = getattr(current, part, None) if isinstance(current, nn.Module) else None
+        else:
+            out[".".join(kept)] = key
+    return out
+
+
 def holds_vblora_store_adapters(model: Any) -> bool:
     """Whether ``model`` (or what it wraps) is a ``VBLoRAModel`` or holds its layers."""
     model = getattr(model, "_orig_mod", model)
@@ -200,6 +284,8 @@ def holds_vblora_store_adapters(model: Any) -> bool:
 def _peft_model(model: Any, unwrap_compiled: bool) -> VBLoRAModel:
     if unwrap_compiled:
         model = getattr(model, "_orig_mod", model)
+    while not isinstance(model, VBLoRAModel) and isinstance(getattr(model, "module", None), nn.Module):
+        model = model.module  # DistributedDataParallel or FullyShardedDataParallel around it, as PEFT accepts
     if not isinstance(model, VBLoRAModel):
         raise InvalidArgumentError(
             f"expected a VBLoRAModel, got {type(model).__name__}; pass the model VBLoRAModel(...) or "

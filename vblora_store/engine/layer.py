@@ -285,8 +285,8 @@ class VBLoRALinear(nn.Module):
                 merged.add_(delta)  # computed in the promoted dtype, stored in the weight's
                 if not bool(torch.isfinite(merged).all()):
                     raise UnsafeMergeError(
-                        f"module {self.module_name!r}: merging adapter {adapter!r} gives NaN or infinite "
-                        "weights; the adapter is broken, nothing was merged. Retrain or reload it."
+                        f"module {self.module_name!r}: NaNs detected in the merged weights. The adapter {adapter} "
+                        "seems to be broken (NaN or infinite values); nothing was merged. Retrain or reload it."
                     )
                 weight.data = merged
             else:

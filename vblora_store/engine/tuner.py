@@ -14,6 +14,7 @@ from __future__ import annotations
 import warnings
 from typing import Any, Iterable, Iterator, Optional, Sequence, Union
 
+import torch
 from torch import nn
 
 from ..config import VBLoRAConfig
@@ -37,6 +38,8 @@ class VBLoRATuner(nn.Module):
         model: The model to adapt (its layers are wrapped in place).
         max_cached_factors: Most adapters whose dense factors are kept built at once.
     """
+
+    prefix = "vblora_"  # PEFT's: every adapter tensor's attribute name starts with it
 
     def __init__(self, model: nn.Module, *, max_cached_factors: Optional[int] = None):
         super().__init__()
@@ -124,6 +127,19 @@ class VBLoRATuner(nn.Module):
             if candidate is module:
                 self._set_child(key, new)
                 return
+
+    def _init_vblora_vector_bank(self, config: VBLoRAConfig, adapter_name: str) -> None:
+        """PEFT's: draw ``adapter_name``'s bank afresh, uniform in ``±init_vector_bank_bound``, as at injection.
+
+        The draw is PEFT's (a CPU tensor of the bank's shape, so the same seed
+        gives the same bank); it is copied into the existing parameter, so an
+        optimizer holding it keeps working.
+        """
+        bank = self.vblora_vector_bank[adapter_name]
+        drawn = torch.zeros(config.num_vectors, config.vector_length)
+        drawn.uniform_(-config.init_vector_bank_bound, config.init_vector_bank_bound)
+        with torch.no_grad():
+            bank.copy_(drawn.reshape(bank.shape))  # (N, L), the same shape
 
     # -- which adapter runs, and what trains ---------------------------------------------
 
