@@ -136,10 +136,13 @@ def wrap_adapter(
             sides = module_sides(stored, name)
             (a_idx, a_w), (b_idx, b_w) = [(i, widen(w, base.weight)) for i, w in (sides["A"], sides["B"])]
             where = TopKSlice(start, tuple(a_idx.shape[:2]), tuple(b_idx.shape[:2]))
+            # Sizes spelled out: with topk=1 the weights hold no element, and reshape(-1, 0) is ambiguous.
             for part in (a_idx, b_idx):
-                topk_indices.append(part.reshape(-1, part.shape[-1]))  # (rows, cols, k) -> (slots, k)
+                rows, cols, k = part.shape
+                topk_indices.append(part.reshape(rows * cols, k))  # (rows, cols, k) -> (slots, k)
             for part in (a_w, b_w):
-                topk_weights.append(part.reshape(-1, part.shape[-1]))  # (rows, cols, k-1) -> (slots, k-1)
+                rows, cols, k_less = part.shape
+                topk_weights.append(part.reshape(rows * cols, k_less))  # (rows, cols, k-1) -> (slots, k-1)
             start = where.b_slots.stop
             module.add_topk(adapter, config, where)
         if name not in tuner.targeted_module_names:
