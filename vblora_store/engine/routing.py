@@ -16,12 +16,36 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..errors import AdapterNamesError
+from ..errors import AdapterNameError, AdapterNamesError
 
-__all__ = ["BASE_ADAPTER", "BatchRoute", "check_adapter_names"]
+__all__ = ["BASE_ADAPTER", "BatchRoute", "check_adapter_names", "check_new_name"]
 
-#: The name that runs a row without any adapter (PEFT's).
+#: The name that runs a row without any adapter (PEFT's); reserved, so no adapter may take it.
 BASE_ADAPTER = "__base__"
+
+
+def check_new_name(name: str) -> str:
+    """``name`` if an adapter may take it: a non-empty string with no ``.``, not ``"__base__"``.
+
+    Raises:
+        AdapterNameError: it may not (a ``ValueError``).
+
+    Example:
+        >>> check_new_name("fr")
+        'fr'
+        >>> check_new_name("__base__")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        vblora_store.errors.AdapterNameError: adapter name '__base__' is reserved: ...
+    """
+    if name == BASE_ADAPTER:
+        raise AdapterNameError(
+            f"adapter name {BASE_ADAPTER!r} is reserved: adapter_names=[{BASE_ADAPTER!r}] runs a row without "
+            "any adapter; pick another name."
+        )
+    if not isinstance(name, str) or not name or "." in name:
+        raise AdapterNameError(f"adapter name {name!r} is empty or has a '.'; pick a plain name.")
+    return name
 
 
 def check_adapter_names(adapter_names, *, known: Sequence[str], rows: Optional[int]) -> list[str]:

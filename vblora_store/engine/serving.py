@@ -104,8 +104,8 @@ def open_route(
     rows = batch_rows(args, kwargs)
     if adapter_names is None:
         active = model.active_adapter
-        if active is None or rows is None or active in model._placeholders:
-            return
+        if not isinstance(active, str) or rows is None or active in model._placeholders:
+            return  # no adapter, or several (their layers add them up unrouted)
         training = torch.is_grad_enabled() and model.vblora_vector_bank[active].requires_grad
         if training or any(layer.merged for layer in model.factor_cache.layers):
             return
