@@ -11,16 +11,30 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field, fields
+from enum import Enum
 from pathlib import Path
 from typing import Any, Optional, Union
 
 from .errors import AdapterNotFoundError, InvalidConfigError, read_error
 
-__all__ = ["VBLoRAConfig", "CONFIG_NAME", "PEFT_TYPE"]
+__all__ = ["VBLoRAConfig", "PeftType", "CONFIG_NAME", "PEFT_TYPE", "TASK_TYPES"]
 
 CONFIG_NAME = "adapter_config.json"
 PEFT_TYPE = "VBLORA"
+#: PEFT's ``TaskType`` values, the only ``task_type`` PEFT's configs accept (besides ``None``).
+TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
 _BIAS_MODES = ("none", "all", "vblora_only")
+
+
+class PeftType(str, Enum):
+    """PEFT's ``PeftType``, its VB-LoRA member: a ``str`` equal to ``"VBLORA"``, so it equals PEFT's.
+
+    Example:
+        >>> PeftType.VBLORA.value, PeftType.VBLORA == "VBLORA", json.dumps(PeftType.VBLORA)
+        ('VBLORA', True, '"VBLORA"')
+    """
+
+    VBLORA = PEFT_TYPE
 
 
 @dataclass
@@ -79,7 +93,7 @@ class VBLoRAConfig:
     inference_mode: bool = False
     peft_version: Optional[str] = None
     auto_mapping: Optional[dict] = None
-    peft_type: str = PEFT_TYPE
+    peft_type: PeftType = PeftType.VBLORA
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -87,11 +101,15 @@ class VBLoRAConfig:
             self.target_modules = sorted(self.target_modules)
         if isinstance(self.exclude_modules, (set, tuple)):
             self.exclude_modules = sorted(self.exclude_modules)
+        if isinstance(self.peft_type, str) and self.peft_type.upper() == PEFT_TYPE:
+            self.peft_type = PeftType.VBLORA  # PEFT's spelling (``.value``), also from "VBLORA" or PEFT's enum
+        if isinstance(self.task_type, Enum):  # PEFT's TaskType: its value, equal to it
+            self.task_type = self.task_type.value
         self.validate()
 
     def validate(self, source: str = "VBLoRAConfig") -> None:
         """Raise :class:`InvalidConfigError` naming ``source`` if a field is unusable."""
-        if str(self.peft_type).upper() != PEFT_TYPE:
+        if self.peft_type != PeftType.VBLORA:
             raise InvalidConfigError(
                 f"{source}: peft_type is {self.peft_type!r}, not 'VBLORA'; "
                 "vblora_store reads VB-LoRA adapters only; point it at a folder saved from a PEFT "
@@ -117,6 +135,11 @@ class VBLoRAConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise InvalidConfigError(f"{source}: {name} must be a finite number, got {value!r}.")
+        if self.task_type is not None and self.task_type not in TASK_TYPES:
+            raise InvalidConfigError(
+                f"{source}: task_type {self.task_type!r} is not one of PEFT's task types; use one of "
+                f"{', '.join(TASK_TYPES)}, or None."
+            )
         if self.layers_pattern and self.layers_to_transform is None:
             raise InvalidConfigError(
                 f"{source}: layers_pattern is set but layers_to_transform is not; set both or neither."
@@ -157,7 +180,8 @@ class VBLoRAConfig:
         out: dict[str, Any] = dict(self.extra)
         for f in fields(self):
             if f.name != "extra":
-                out[f.name] = getattr(self, f.name)
+                value = getattr(self, f.name)
+                out[f.name] = value.value if isinstance(value, Enum) else value  # "VBLORA", as PEFT writes
         return out
 
     @classmethod

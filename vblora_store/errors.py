@@ -24,6 +24,7 @@ __all__ = [
     "DestinationExistsError",
     "TargetingError",
     "AdapterStateError",
+    "AdapterNameError",
     "UnsafeMergeError",
     "InvalidArgumentError",
     "AdapterNamesError",
@@ -68,12 +69,20 @@ class TargetingError(VBLoRAStoreError, ValueError):
     """A model's modules do not fit the adapter (no match, bad shapes)."""
 
 
-class AdapterStateError(VBLoRAStoreError, RuntimeError):
-    """An operation that the adapter's current state does not allow."""
+class AdapterStateError(VBLoRAStoreError, ValueError, RuntimeError):
+    """An operation that the adapter's current state does not allow.
+
+    A ``ValueError``, as PEFT raises for an unknown, taken or merged adapter name,
+    and a ``RuntimeError``, as PEFT's training forward raises for ``-inf`` logits.
+    """
 
 
-class UnsafeMergeError(AdapterStateError, ValueError):
-    """``safe_merge`` found NaN or infinite merged weights (a ``ValueError`` too, as PEFT raises)."""
+class AdapterNameError(AdapterStateError):
+    """A name that cannot name an adapter: empty, with a ``.``, or the reserved ``"__base__"``."""
+
+
+class UnsafeMergeError(AdapterStateError):
+    """``safe_merge`` found NaN or infinite merged weights (a ``ValueError``, as PEFT raises)."""
 
 
 class InvalidArgumentError(VBLoRAStoreError, ValueError):

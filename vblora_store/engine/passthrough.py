@@ -98,14 +98,15 @@ class PassThroughModel(nn.Module):
     def max_cached_factors(self, value: Optional[int]) -> None:
         self.base_model.factor_cache.capacity = value
 
-    def gradient_checkpointing_enable(self, **kwargs: Any) -> None:
+    def gradient_checkpointing_enable(self, *args: Any, **kwargs: Any) -> None:
         """Enable the wrapped model's gradient checkpointing, keeping inputs differentiable.
 
-        With a frozen embedding the checkpointed blocks would see no input
-        requiring gradients; like PEFT, input gradients are switched on.
+        Takes what the wrapped model's takes (transformers': ``gradient_checkpointing_kwargs``,
+        positional or by keyword).  With a frozen embedding the checkpointed blocks would
+        see no input requiring gradients; like PEFT, input gradients are switched on.
         """
         inner = self.base_model.model
-        inner.gradient_checkpointing_enable(**kwargs)
+        inner.gradient_checkpointing_enable(*args, **kwargs)
         if hasattr(inner, "enable_input_require_grads"):
             inner.enable_input_require_grads()
 

@@ -59,6 +59,11 @@ class ModulesToSave(nn.Module):
             self.active_adapter = next(iter(self.modules_to_save), None)
 
     @property
+    def active_adapters(self) -> list[str]:
+        """``[active_adapter]``, or ``[]`` (PEFT's plural form; one copy runs at a time)."""
+        return [] if self.active_adapter is None else [self.active_adapter]
+
+    @property
     def active_module(self) -> nn.Module:
         """The module the forward runs: the active adapter's copy, else the original."""
         if self.disable_adapters or self.active_adapter not in self.modules_to_save:
