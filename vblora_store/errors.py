@@ -220,6 +220,12 @@ def read_error(path: Union[str, Path], error: OSError) -> ReadError:
     return ReadError(problem.message("read", path))
 
 
+#: PEFT's words for the same refusal, kept in ours so code matching PEFT's message still matches.
+_PEFT_TRAINING_REFUSAL = (
+    "Found infinity values in VB-LoRA logits. Ensure training was not resumed from a `save_only_topk_weights` model."
+)
+
+
 def untrainable_topk(where: str, form: str, fix: str) -> AdapterStateError:
     """Training asked of an adapter held without logits (top-k, packed, ...), with the caller's ``fix``.
 
@@ -229,7 +235,7 @@ def untrainable_topk(where: str, form: str, fix: str) -> AdapterStateError:
     """
     return AdapterStateError(
         f"{where}: held in {form} form, which keeps the top-k weights but not the logits, so it cannot be "
-        f"trained; {fix}"
+        f"trained; {fix} (PEFT: {_PEFT_TRAINING_REFUSAL})"
     )
 
 
@@ -242,5 +248,5 @@ def untrainable_dropped_logits(where: str, fix: str) -> AdapterStateError:
     """
     return AdapterStateError(
         f"{where} holds -inf logits (PEFT's full save of an adapter loaded from top-k form): the dropped "
-        f"logits can never re-enter the top-k, so it cannot be trained; {fix}"
+        f"logits can never re-enter the top-k, so it cannot be trained; {fix} (PEFT: {_PEFT_TRAINING_REFUSAL})"
     )

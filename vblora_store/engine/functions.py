@@ -192,7 +192,7 @@ def set_peft_model_state_dict(
         warnings.warn(f"Some weights of {type(model).__name__} were not initialized from the model checkpoint "
                       "and are being ignored because you passed `ignore_mismatched_sizes=True`: "
                       + "\n".join(mismatched))  # fmt: skip
-    for layer in model.base_model.layers():
+    for layer in model.base_model.adapted_layers():
         layer.clear_cache()
     return _IncompatibleKeys(result.missing_keys, result.unexpected_keys + unexpected)
 

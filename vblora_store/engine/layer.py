@@ -101,6 +101,14 @@ class VBLoRALinear(nn.Module):
 
     # -- what PEFT's tuner layers expose ---------------------------------------------
 
+    adapter_layer_names = ("vblora_logits_A", "vblora_logits_B", "vblora_vector_bank")  # by adapter name
+    other_param_names = ("r", "topk", "vblora_dropout")
+
+    @property
+    def vblora_vector_bank(self) -> nn.ParameterDict:
+        """The model's banks by adapter name: shared by every layer, in the model's state dict once."""
+        return self._banks
+
     @property
     def weight(self) -> torch.Tensor:
         """The base layer's weight (code that reads ``module.weight`` keeps working)."""

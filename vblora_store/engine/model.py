@@ -233,6 +233,12 @@ class VBLoRAModel(PassThroughModel):
         return self.peft_config[self.active_adapter]
 
     @property
+    def has_active_enabled_adapter(self) -> bool:
+        """Whether an adapter is active and the adapter layers are not disabled (``disable_adapter()``)."""
+        wrappers = list(self.base_model.wrappers())
+        return bool(self.active_adapters) and not (wrappers and all(m.disable_adapters for m in wrappers))
+
+    @property
     def modules_to_save(self) -> Optional[set[str]]:
         """The ``modules_to_save`` of every adapter together, or ``None`` (as PEFT)."""
         modules = {m for config in self.peft_config.values() for m in (config.modules_to_save or [])}

@@ -36,6 +36,8 @@ class ModulesToSave(nn.Module):
         ['modules_to_save.default.bias', 'modules_to_save.default.weight']
     """
 
+    adapter_layer_names = ("modules_to_save",)  # PEFT's: the per-adapter copies, by adapter name
+
     def __init__(self, original_module: nn.Module, *, name: str, route: Optional[BatchRoute] = None):
         super().__init__()
         object.__setattr__(self, "_route", BatchRoute() if route is None else route)

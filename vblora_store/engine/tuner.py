@@ -154,8 +154,8 @@ class VBLoRATuner(nn.Module):
         """Every adapter layer and ``modules_to_save`` wrapper, in model order."""
         return (m for m in self.model.modules() if isinstance(m, (VBLoRALinear, ModulesToSave)))
 
-    def layers(self) -> Iterator[VBLoRALinear]:
-        """Every adapter layer, in model order."""
+    def adapted_layers(self) -> Iterator[VBLoRALinear]:
+        """Every adapter layer, in model order (not `layers`: PEFT's tuner passes that name to the model)."""
         return (m for m in self.model.modules() if isinstance(m, VBLoRALinear))
 
     @property
@@ -256,7 +256,7 @@ class VBLoRATuner(nn.Module):
         """
         names = self.check_known(adapter_name)
         self._check_activatable(names)
-        if any(layer.merged for layer in self.layers()):
+        if any(layer.merged for layer in self.adapted_layers()):
             warnings.warn("set_adapter on a merged model: unmerging first.")
             self.unmerge_adapter()
         for name in self.peft_config:
@@ -298,7 +298,7 @@ class VBLoRATuner(nn.Module):
             AdapterStateError: an unknown adapter, or a merged one (a ``ValueError``, as PEFT's).
         """
         self.check_known(adapter_name)
-        merged = [layer.module_name for layer in self.layers() if adapter_name in layer.merged_adapters]
+        merged = [layer.module_name for layer in self.adapted_layers() if adapter_name in layer.merged_adapters]
         if merged:
             raise AdapterStateError(
                 f"adapter {adapter_name!r} is merged (module {merged[0]!r}); call unmerge_adapter() first."
@@ -347,7 +347,7 @@ class VBLoRATuner(nn.Module):
                 raise AdapterStateError("no active adapter to merge; set_adapter() one first.")
             adapter_names = self.active_adapters
         names = self.check_known(adapter_names)
-        merged = list(dict.fromkeys(a for layer in self.layers() for a in layer.merged_adapters))
+        merged = list(dict.fromkeys(a for layer in self.adapted_layers() for a in layer.merged_adapters))
         todo = [name for name in names if name not in merged]
         if merged and todo:  # PEFT's warnings, once per call rather than once per layer
             warnings.warn(
@@ -357,13 +357,13 @@ class VBLoRATuner(nn.Module):
         elif merged:
             warnings.warn("All adapters are already merged, nothing to do.")
         for adapter in todo:
-            for layer in self.layers():
+            for layer in self.adapted_layers():
                 if adapter in layer.r:
                     layer.merge(adapter, safe_merge=safe_merge)
 
     def unmerge_adapter(self) -> None:
         """Subtract every merged adapter from the base weights."""
-        for layer in self.layers():
+        for layer in self.adapted_layers():
             layer.unmerge()
 
     def merge_and_unload(
