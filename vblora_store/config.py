@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from dataclasses import dataclass, field, fields
 from enum import Enum
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from .errors import AdapterNotFoundError, InvalidConfigError, read_error
+from .errors import AdapterNotFoundError, InvalidConfigError, MissingConfigKeyError, read_error
 
 __all__ = ["VBLoRAConfig", "PeftType", "CONFIG_NAME", "PEFT_TYPE", "TASK_TYPES"]
 
@@ -165,10 +166,16 @@ class VBLoRAConfig:
         if not isinstance(data, dict):
             raise InvalidConfigError(f"{source}: expected a JSON object, got {type(data).__name__}.")
         if "peft_type" not in data:
-            raise InvalidConfigError(f"{source}: no peft_type; is this a PEFT adapter_config.json?")
+            raise MissingConfigKeyError(
+                f"{source}: The VBLoRAConfig config that is trying to be loaded is missing required keys: "
+                "{'peft_type'}. Is this a PEFT adapter_config.json?"
+            )
         known = {f.name for f in fields(cls)} - {"extra"}
         kwargs = {k: v for k, v in data.items() if k in known}
         extra = {k: v for k, v in data.items() if k not in known}
+        if extra:  # PEFT's warning; we also keep them and write them back on save
+            warnings.warn(f"Unexpected keyword arguments {list(extra)} for class {cls.__name__}, these are ignored. "
+                          f"({source}: they are kept in `extra` and written back on save.)")  # fmt: skip
         try:
             return cls(**kwargs, extra=extra)
         except InvalidConfigError as e:
@@ -197,6 +204,17 @@ class VBLoRAConfig:
         file = path / CONFIG_NAME if path.is_dir() else path
         if not file.is_file():
             raise AdapterNotFoundError(f"{file}: no {CONFIG_NAME} here; point at a PEFT adapter folder.")
+        return cls.from_dict(cls.from_json_file(file), source=str(file))
+
+    @classmethod
+    def from_json_file(cls, path_json_file: Union[str, Path]) -> dict[str, Any]:
+        """The parsed JSON of a config file, as PEFT's: a dictionary, ``runtime_config`` left out.
+
+        Example:
+            >>> VBLoRAConfig.from_json_file("fixtures/tiny-llama-vblora/adapter_config.json")["peft_type"]
+            'VBLORA'
+        """
+        file = Path(path_json_file)
         try:
             data = json.loads(file.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
@@ -205,7 +223,9 @@ class VBLoRAConfig:
             ) from e
         except OSError as e:  # permissions, an I/O error: the file may be sound
             raise read_error(file, e) from e
-        return cls.from_dict(data, source=str(file))
+        if isinstance(data, dict):
+            data.pop("runtime_config", None)  # PEFT's run-time settings, never read from a file
+        return data
 
     def to_json_string(self) -> str:
         """The exact text PEFT writes: two-space indent, sorted keys."""

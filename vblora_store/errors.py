@@ -20,6 +20,7 @@ __all__ = [
     "AdapterNotFoundError",
     "InvalidAdapterError",
     "InvalidConfigError",
+    "MissingConfigKeyError",
     "UnsupportedConversionError",
     "DestinationExistsError",
     "TargetingError",
@@ -55,6 +56,10 @@ class InvalidAdapterError(VBLoRAStoreError, ValueError):
 
 class InvalidConfigError(VBLoRAStoreError, ValueError):
     """An ``adapter_config.json`` or a ``VBLoRAConfig`` is unusable."""
+
+
+class MissingConfigKeyError(InvalidConfigError, TypeError):
+    """A config file lacks a key every PEFT config has (a ``TypeError`` too, as PEFT raises)."""
 
 
 class UnsupportedConversionError(VBLoRAStoreError, ValueError):
