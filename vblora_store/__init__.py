@@ -15,9 +15,10 @@ from typing import Any
 #: Where each public name lives.
 _HOMES = {
     "AdapterAccount": "accounting", "account": "accounting",
-    "VBLoRAConfig": "config",
+    "VBLoRAConfig": "config", "PeftType": "config",
     "VBLoRAModel": "engine",
     "AdapterNotFoundError": "errors", "AdapterStateError": "errors", "AdapterNamesError": "errors",
+    "AdapterNameError": "errors",
     "DestinationExistsError": "errors", "InvalidAdapterError": "errors", "InvalidArgumentError": "errors",
     "InvalidConfigError": "errors", "ReadError": "errors", "TargetingError": "errors", "UnsafeMergeError": "errors",
     "UnsupportedConversionError": "errors", "VBLoRAStoreError": "errors", "WriteError": "errors",
@@ -35,6 +36,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdapterAccount",
+    "AdapterNameError",
     "AdapterNamesError",
     "AdapterNotFoundError",
     "AdapterStateError",
@@ -42,6 +44,7 @@ __all__ = [
     "InvalidAdapterError",
     "InvalidArgumentError",
     "InvalidConfigError",
+    "PeftType",
     "ReadError",
     "Report",
     "ReportFormat",
