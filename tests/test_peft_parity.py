@@ -309,3 +309,15 @@ def test_two_active_adapters_with_their_own_head_copies_are_refused_as_in_peft()
     assert ours.active_adapters == ["default"] and trainable(ours)
     with torch.no_grad():
         assert torch.allclose(ours(input_ids=inputs()).logits, theirs(input_ids=inputs()).logits, atol=ATOL)
+
+
+def test_active_adapter_with_several_active_is_peft_s():
+    theirs, ours = with_b()
+    for model in (theirs, ours):
+        model.base_model.set_adapter(["b", "default"])
+    assert ours.active_adapter == theirs.active_adapter == "default"
+    assert ours.active_adapters == theirs.active_adapters == ["b", "default"]
+    for model in (theirs, ours):
+        model.set_adapter("b")
+    assert ours.active_adapter == theirs.active_adapter == "b"
+    assert ours.active_peft_config is ours.peft_config["b"]
