@@ -113,3 +113,15 @@ def test_any_other_flattening_is_still_refused():
     batch = torch.randint(0, 16, (2, 6))
     with pytest.raises(AdapterNamesError, match="received an input of 6 rows in a batch of 2"):
         model(input_ids=batch, adapter_names=["default", "__base__"])
+
+
+def test_a_compiled_opt_runs_its_routed_calls(opt):
+    """A compiled model routes every call, one adapter or many: OPT's flattened layers included."""
+    _, _, ours = opt
+    batch = ids()
+    ours.set_adapter("a")
+    with torch.no_grad():
+        eager_one, eager_mixed = ours(input_ids=batch).logits, ours(input_ids=batch, adapter_names=ROWS).logits
+        compiled = torch.compile(ours, backend="eager")
+        assert torch.allclose(compiled(input_ids=batch).logits, eager_one, atol=ATOL)
+        assert torch.allclose(compiled(input_ids=batch, adapter_names=ROWS).logits, eager_mixed, atol=ATOL)

@@ -296,3 +296,28 @@ def test_the_reserved_name_is_refused_wherever_an_adapter_is_named(tmp_path, cal
     VBLoRAModel(MLP(), VBLoRAConfig(**SMALL)).save_pretrained(tmp_path)
     with pytest.raises(AdapterNameError, match="'__base__' is reserved"):
         call(tmp_path)
+
+
+def test_two_active_adapters_with_their_own_head_copies_are_refused_as_in_peft():
+    theirs, ours = twins(tiny_llama(classifier=True), target_modules=["q_proj"], task_type="SEQ_CLS")
+    for model, cls in ((theirs, peft.VBLoRAConfig), (ours, VBLoRAConfig)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model.add_adapter("b", cls(**{**BASE_KWARGS, "target_modules": ["q_proj"], "task_type": "SEQ_CLS"}))
+        with pytest.raises(ValueError):
+            model.base_model.set_adapter(["default", "b"])
+    assert ours.active_adapters == ["default"] and trainable(ours)
+    with torch.no_grad():
+        assert torch.allclose(ours(input_ids=inputs()).logits, theirs(input_ids=inputs()).logits, atol=ATOL)
+
+
+def test_active_adapter_with_several_active_is_peft_s():
+    theirs, ours = with_b()
+    for model in (theirs, ours):
+        model.base_model.set_adapter(["b", "default"])
+    assert ours.active_adapter == theirs.active_adapter == "default"
+    assert ours.active_adapters == theirs.active_adapters == ["b", "default"]
+    for model in (theirs, ours):
+        model.set_adapter("b")
+    assert ours.active_adapter == theirs.active_adapter == "b"
+    assert ours.active_peft_config is ours.peft_config["b"]

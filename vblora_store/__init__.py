@@ -15,12 +15,13 @@ from typing import Any
 #: Where each public name lives.
 _HOMES = {
     "AdapterAccount": "accounting", "account": "accounting",
-    "VBLoRAConfig": "config",
+    "VBLoRAConfig": "config", "PeftType": "config",
     "VBLoRAModel": "engine", "get_peft_model_state_dict": "engine", "set_peft_model_state_dict": "engine",
     "inject_adapter_in_model": "engine", "get_base_model_state_dict": "engine", "set_base_model_state_dict": "engine",
     "AdapterNotFoundError": "errors", "AdapterStateError": "errors", "AdapterNamesError": "errors",
+    "AdapterNameError": "errors",
     "DestinationExistsError": "errors", "InvalidAdapterError": "errors", "InvalidArgumentError": "errors",
-    "InvalidConfigError": "errors", "ReadError": "errors", "TargetingError": "errors", "UnsafeMergeError": "errors",
+    "InvalidConfigError": "errors", "MissingConfigKeyError": "errors", "ReadError": "errors", "TargetingError": "errors", "UnsafeMergeError": "errors",
     "UnsupportedConversionError": "errors", "VBLoRAStoreError": "errors", "WriteError": "errors",
     "export_lora": "export",
     "StorageForm": "choices", "ReportFormat": "choices",
@@ -36,6 +37,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdapterAccount",
+    "AdapterNameError",
     "AdapterNamesError",
     "AdapterNotFoundError",
     "AdapterStateError",
@@ -43,6 +45,8 @@ __all__ = [
     "InvalidAdapterError",
     "InvalidArgumentError",
     "InvalidConfigError",
+    "MissingConfigKeyError",
+    "PeftType",
     "ReadError",
     "Report",
     "ReportFormat",

@@ -212,10 +212,9 @@ class VBLoRAModel(PassThroughModel):
         """The active adapter's name (PEFT's singular form).
 
         With several active (``base_model.set_adapter([...])``), as in PEFT, the
-        first of them: ``active_adapters`` lists them all.
+        last single name made active; ``active_adapters`` lists them all.
         """
-        active = self.base_model.active_adapters
-        return active[0] if active else None
+        return self.base_model.named_active
 
     @property
     def active_adapters(self) -> list[str]:

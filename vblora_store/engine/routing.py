@@ -125,12 +125,14 @@ class BatchRoute:
         slots: torch.Tensor,
         multiples: Sequence[int] = (1,),
         keep: Optional[torch.Tensor] = None,
+        seq: Optional[int] = None,
     ) -> None:
-        """Start a call whose rows use ``names`` (and so ``slots``)."""
+        """Start a call whose rows use ``names`` (and so ``slots``), of sequence length ``seq`` if known."""
         self.clear()
         self.rows, self.names, self.slots = len(names), names, slots
         self.multiples = tuple(sorted(set(multiples) | {1}))
         self.keep = keep
+        self.seq = seq
 
     def _multiple(self, leading: int, module: str) -> int:
         """How many consecutive input rows of a layer belong to each row of the batch."""

@@ -126,9 +126,10 @@ def open_route(
     """
     rows = batch_rows(args, kwargs)
     if adapter_names is None:
-        active = model.active_adapter
-        if not isinstance(active, str) or rows is None or active in model._placeholders:
+        actives = model.active_adapters
+        if len(actives) != 1 or rows is None or actives[0] in model._placeholders:
             return  # no adapter, or several (their layers add them up unrouted)
+        active = actives[0]
         training = torch.is_grad_enabled() and model.vblora_vector_bank[active].requires_grad
         if training or any(layer.merged for layer in model.factor_cache.layers):
             return
@@ -163,7 +164,7 @@ def open_route(
         drop = [model.peft_config[n].vblora_dropout if n != BASE_ADAPTER else 0.0 for n in names]
         if any(drop):
             keep = torch.tensor([1.0 - p for p in drop], device=device)
-    model._route.open(names=names, slots=slots, multiples=multiples, keep=keep)
+    model._route.open(names=names, slots=slots, multiples=multiples, keep=keep, seq=sequence_length(args, kwargs))
 
 
 @torch.compiler.disable

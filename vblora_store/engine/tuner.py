@@ -52,6 +52,7 @@ class VBLoRATuner(nn.Module):
         self.storage_form: dict[str, StorageForm] = {}
         self.targeted_module_names: list[str] = []
         self.active_adapter: Union[str, list[str], None] = None  # a name, or several (PEFT's)
+        self.named_active: Optional[str] = None  # the last single name activated: PeftModel.active_adapter
         self._placeholders: set[str] = set()  # adapters allocated on "meta", awaiting load_adapter
         self._saved_grads: Optional[dict[int, tuple[nn.Parameter, bool]]] = None  # while layers are disabled
 
@@ -184,6 +185,8 @@ class VBLoRATuner(nn.Module):
             else:
                 module.active_adapter = adapter
         self.active_adapter = adapter
+        if isinstance(adapter, str) or not names or self.named_active not in self.peft_config:
+            self.named_active = names[0] if names else None
 
     def check_known(self, adapters: Union[str, Iterable[str]]) -> list[str]:
         """The names as a list; :class:`AdapterStateError` naming the first unknown one."""
