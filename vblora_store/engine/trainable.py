@@ -37,6 +37,7 @@ class ModulesToSave(nn.Module):
     """
 
     adapter_layer_names = ("modules_to_save",)  # PEFT's: the per-adapter copies, by adapter name
+    other_param_names = ()
 
     def __init__(self, original_module: nn.Module, *, name: str, route: Optional[BatchRoute] = None):
         super().__init__()
