@@ -11,6 +11,7 @@ reason that is a row of docs/engine.md's table of differences.
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from pathlib import Path
@@ -23,16 +24,20 @@ import suite  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET = 0.95
+#: The two runs take minutes (about 8 on two cores), so the README's test command leaves them to .ci/run.
+ENABLED = os.environ.get("VBLORA_PEFT_SUITE") == "1"
 
 
 @pytest.fixture(scope="module")
 def outcomes(tmp_path_factory):
+    if not ENABLED:
+        pytest.skip("PEFT's own test suite runs in .ci/run; set VBLORA_PEFT_SUITE=1 to run it here")
     try:
         root = sdist.suite_root()
     except sdist.FetchError as e:
         pytest.skip(f"PEFT's test suite could not be fetched (offline?): {e}")
-    work = tmp_path_factory.mktemp("peft-suite")
-    return suite.run("peft", root, work), suite.run("vblora_store", root, work)
+    outcomes = suite.run(suite.TARGETS, root, tmp_path_factory.mktemp("peft-suite"))
+    return outcomes["peft"], outcomes["vblora_store"]
 
 
 def _failing_ours(outcomes) -> dict[str, suite.Outcome]:

@@ -36,39 +36,60 @@ class Outcome:
     reason: str
 
 
-def run(target: str, root: Path, work: Path, *, timeout: float = 1800) -> dict[str, Outcome]:
-    """Run the selection against ``target`` (``"peft"`` or ``"vblora_store"``); outcome by test id.
+def run(targets: tuple[str, ...], root: Path, work: Path, *, timeout: float = 1800) -> dict[str, dict[str, Outcome]]:
+    """Run the selection against each target (``"peft"``, ``"vblora_store"``) side by side; outcomes by test id.
 
     Args:
-        target: What PEFT's public entry points call.
+        targets: What PEFT's public entry points call, one subprocess each, run at the same time.
         root: The fetched suite (:func:`sdist.suite_root`).
-        work: A folder for the stand-in models, the Hub cache and the outcome file.
-        timeout: Seconds before the run is stopped.
+        work: A folder for the stand-in models, the Hub cache and the outcome files.
+        timeout: Seconds before a run is stopped.
 
     Returns:
-        Test id (``tests/test_x.py::Class::test[params]``) -> :class:`Outcome`.
+        Target -> test id (``tests/test_x.py::Class::test[params]``) -> :class:`Outcome`.
     """
-    if target not in TARGETS:
-        raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
-    outcomes = work / f"outcomes-{target}.json"
+    unknown = set(targets) - set(TARGETS)
+    if unknown:
+        raise ValueError(f"targets must be among {TARGETS}, got {sorted(unknown)}")
+    runs = {}
+    for target in targets:
+        log = (work / f"log-{target}.txt").open("w")
+        runs[target] = (subprocess.Popen(_command(root), cwd=root, env=_environment(target, work), stdout=log,
+                                         stderr=subprocess.STDOUT), log)  # fmt: skip
+    outcomes: dict[str, dict[str, Outcome]] = {}
+    for target, (process, log) in runs.items():
+        try:
+            process.wait(timeout=timeout)
+        finally:
+            process.kill()
+            log.close()
+        file = work / f"outcomes-{target}.json"
+        if not file.is_file():
+            tail = (work / f"log-{target}.txt").read_text()[-3000:]
+            raise RuntimeError(f"the PEFT suite against {target} wrote no outcomes:\n{tail}")
+        outcomes[target] = {case: Outcome(**o) for case, o in json.loads(file.read_text()).items()}
+    return outcomes
+
+
+def _command(root: Path) -> list[str]:
+    return [sys.executable, "-m", "pytest", "-c", str(root / "pytest.ini"), "--rootdir", str(root),
+            "-p", "plugin", "-p", "no:cacheprovider", "-q", "--no-header", "-k", SELECTION,
+            *(f"tests/{name}" for name in FILES)]  # fmt: skip
+
+
+def _environment(target: str, work: Path) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
         PYTHONPATH=os.pathsep.join(filter(None, [str(HERE), env.get("PYTHONPATH")])),
         VBLORA_PEFT_SUITE_TARGET=target,
-        VBLORA_PEFT_SUITE_HUB=str(work / "stand-ins"),
-        VBLORA_PEFT_SUITE_OUTCOMES=str(outcomes),
-        HF_HOME=str(work / "hf-home"),
+        VBLORA_PEFT_SUITE_HUB=str(work / f"stand-ins-{target}"),
+        VBLORA_PEFT_SUITE_OUTCOMES=str(work / f"outcomes-{target}.json"),
+        HF_HOME=str(work / f"hf-home-{target}"),
         HF_HUB_OFFLINE="1",
         HF_ENDPOINT="http://127.0.0.1:9",  # a Hub call PEFT's tests force online fails at once: nothing is downloaded
         TOKENIZERS_PARALLELISM="false",
     )  # fmt: skip
-    command = [sys.executable, "-m", "pytest", "-c", str(root / "pytest.ini"), "--rootdir", str(root),
-               "-p", "plugin", "-p", "no:cacheprovider", "-q", "--no-header", "-k", SELECTION,
-               *(f"tests/{name}" for name in FILES)]  # fmt: skip
-    done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
-    if not outcomes.is_file():
-        raise RuntimeError(f"the PEFT suite against {target} wrote no outcomes:\n{done.stdout[-3000:]}{done.stderr[-3000:]}")
-    return {case: Outcome(**o) for case, o in json.loads(outcomes.read_text()).items()}
+    return env
 
 
 def listed_differences() -> tuple[dict[str, str], dict[str, str]]:
@@ -89,19 +110,17 @@ def main() -> None:
 
     root = sdist.suite_root()
     with tempfile.TemporaryDirectory() as tmp:
-        peft = run("peft", root, Path(tmp))
-        ours = run("vblora_store", root, Path(tmp))
+        outcomes = run(TARGETS, root, Path(tmp))
+    peft, ours = outcomes["peft"], outcomes["vblora_store"]
     passed, baseline = figure(peft, ours)
     cases, _ = listed_differences()
-    print(f"selected: {len(peft)}; PEFT {PEFT_VERSION_NOTE} passes {baseline}; vblora_store passes {passed} of them "
-          f"({100 * passed / max(baseline, 1):.1f}%); listed differences: {len(cases)}")  # fmt: skip
+    print(f"selected: {len(peft)}; PEFT {sdist.PEFT_VERSION} passes {baseline}; vblora_store passes {passed} of "
+          f"them ({100 * passed / max(baseline, 1):.1f}%); listed differences: {len(cases)}")  # fmt: skip
     for case in sorted(peft):
-        if peft[case].outcome == "passed" and ours.get(case, Outcome("missing", "")).outcome != "passed":
-            mark = cases.get(case, "UNLISTED")
-            print(f"{mark}\t{case}\t{ours.get(case, Outcome('missing', '')).reason}")
+        mine = ours.get(case, Outcome("missing", ""))
+        if peft[case].outcome == "passed" and mine.outcome != "passed":
+            print(f"{cases.get(case, 'UNLISTED')}\t{case}\t{mine.reason}")
 
-
-PEFT_VERSION_NOTE = "0.21.2"
 
 if __name__ == "__main__":
     sys.path.insert(0, str(HERE))
