@@ -91,6 +91,9 @@ def test_two_active_adapters_add_up_in_inference_as_in_peft():
     assert torch.allclose(both, logits(theirs, inputs()), atol=ATOL)
     assert not torch.allclose(both, single, atol=1e-3)
     assert ours.get_model_status().active_adapters == ["default", "b"]
+    ours.set_adapter("default")
+    ours.set_adapter(["default", "b"])  # the model's set_adapter takes a list too
+    assert ours.active_adapters == ["default", "b"] and torch.equal(logits(ours, inputs()), both)
 
 
 def test_two_active_adapters_both_train_as_in_peft():
