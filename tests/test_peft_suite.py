@@ -13,14 +13,10 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent / "peft_suite"))
-import sdist  # noqa: E402
-import suite  # noqa: E402
+from peft_suite import sdist, suite
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET = 0.95

@@ -1,4 +1,4 @@
-"""The pytest plugin PEFT's selection runs under (``-p plugin`` with this folder on ``sys.path``).
+"""The pytest plugin PEFT's selection runs under (``-p peft_suite.plugin``, ``tests/`` on ``sys.path``).
 
 Configured by environment variables that :mod:`suite` sets:
 
@@ -46,11 +46,11 @@ def _absent_package(name: str, classes: tuple[str, ...] = (), functions: tuple[s
 def pytest_configure(config: pytest.Config) -> None:
     _absent_package("diffusers", classes=("StableDiffusionPipeline",))
     _absent_package("datasets", functions=("load_dataset",))
-    import hub_models
+    from peft_suite import hub_models
 
     hub_models.install(Path(os.environ["VBLORA_PEFT_SUITE_HUB"]))
     if os.environ.get("VBLORA_PEFT_SUITE_TARGET") == "vblora_store":
-        import shim
+        from peft_suite import shim
 
         shim.install()
 

@@ -12,7 +12,7 @@ import os
 import subprocess
 import sys
 import tempfile
-import tomllib
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,14 +73,14 @@ def run(targets: tuple[str, ...], root: Path, work: Path, *, timeout: float = 18
 
 def _command(root: Path) -> list[str]:
     return [sys.executable, "-m", "pytest", "-c", str(root / "pytest.ini"), "--rootdir", str(root),
-            "-p", "plugin", "-p", "no:cacheprovider", "-q", "--no-header", "-k", SELECTION,
+            "-p", "peft_suite.plugin", "-p", "no:cacheprovider", "-q", "--no-header", "-k", SELECTION,
             *(f"tests/{name}" for name in FILES)]  # fmt: skip
 
 
 def _environment(target: str, work: Path) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
-        PYTHONPATH=os.pathsep.join(filter(None, [str(HERE), env.get("PYTHONPATH")])),
+        PYTHONPATH=os.pathsep.join(filter(None, [str(HERE.parent), env.get("PYTHONPATH")])),
         VBLORA_PEFT_SUITE_TARGET=target,
         VBLORA_PEFT_SUITE_HUB=str(work / f"stand-ins-{target}"),
         VBLORA_PEFT_SUITE_OUTCOMES=str(work / f"outcomes-{target}.json"),
@@ -93,9 +93,30 @@ def _environment(target: str, work: Path) -> dict[str, str]:
 
 
 def listed_differences() -> tuple[dict[str, str], dict[str, str]]:
-    """``differences.toml``: (test id -> reason key, reason key -> the row of engine.md's table it names)."""
-    data = tomllib.loads(DIFFERENCES.read_text(encoding="utf-8"))
-    return dict(data.get("cases", {})), dict(data.get("reasons", {}))
+    """``differences.toml``: (test id -> reason key, reason key -> the row of engine.md's table it names).
+
+    The file is a TOML subset read here line by line (Python 3.10 has no ``tomllib``): ``[section]``
+    headers and one ``key = "value"`` a line, the key bare or a double-quoted string.
+    """
+    sections: dict[str, dict[str, str]] = {}
+    current = None
+    for number, line in enumerate(DIFFERENCES.read_text(encoding="utf-8").splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        header = re.fullmatch(r"\[(\w+)\]", line)
+        entry = _ENTRY.fullmatch(line)
+        if header:
+            current = sections.setdefault(header.group(1), {})
+        elif entry and current is not None:
+            key = json.loads(entry.group(1)) if entry.group(1).startswith('"') else entry.group(1)
+            current[key] = json.loads(entry.group(2))
+        else:
+            raise ValueError(f"{DIFFERENCES}:{number}: expected [section] or key = \"value\", got {line!r}")
+    return sections.get("cases", {}), sections.get("reasons", {})
+
+
+_ENTRY = re.compile(r'("(?:[^"\\]|\\.)*"|[A-Za-z0-9_-]+)\s*=\s*("(?:[^"\\]|\\.)*")')
 
 
 def figure(peft: dict[str, Outcome], ours: dict[str, Outcome]) -> tuple[int, int]:
@@ -106,7 +127,7 @@ def figure(peft: dict[str, Outcome], ours: dict[str, Outcome]) -> tuple[int, int
 
 
 def main() -> None:
-    import sdist
+    from peft_suite import sdist
 
     root = sdist.suite_root()
     with tempfile.TemporaryDirectory() as tmp:
@@ -123,5 +144,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(HERE))
+    sys.path.insert(0, str(HERE.parent))
     main()
