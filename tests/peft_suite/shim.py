@@ -9,7 +9,6 @@ would import are replaced; PEFT's internals are left as they are.
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 from typing import Any
@@ -24,6 +23,7 @@ from vblora_store.engine import functions
 _REAL = {name: getattr(peft, name) for name in (
     "get_peft_model", "PeftModel", "inject_adapter_in_model", "get_peft_model_state_dict",
     "set_peft_model_state_dict", "get_base_model_state_dict", "set_base_model_state_dict")}  # fmt: skip
+_REAL_CONFIG = peft.VBLoRAConfig
 
 
 def _is_vblora_config(config: Any) -> bool:
@@ -55,10 +55,8 @@ def get_peft_model(model: torch.nn.Module, peft_config: Any, adapter_name: str =
         raise TypeError("get_peft_model(mixed=True): vblora_store has no mixed-method model")
     if revision is not None:
         peft_config.revision = revision
-    extra = {} if autocast_adapter_dtype else {"autocast_adapter_dtype": autocast_adapter_dtype}
-    if "autocast_adapter_dtype" in inspect.signature(VBLoRAModel.__init__).parameters:
-        extra = {"autocast_adapter_dtype": autocast_adapter_dtype}
-    return VBLoRAModel(model, peft_config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, **extra)
+    return VBLoRAModel(model, peft_config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage,
+                       autocast_adapter_dtype=autocast_adapter_dtype)  # fmt: skip
 
 
 class _PeftModelType(type):
@@ -91,8 +89,6 @@ def _dispatch(name: str, ours: Any, is_ours: Any) -> Any:
     call.__name__ = call.__qualname__ = name
     return call
 
-
-_REAL_CONFIG = peft.VBLoRAConfig
 
 
 def install() -> None:

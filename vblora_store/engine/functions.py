@@ -13,6 +13,7 @@ PEFT does: the vector bank is state shared by every layer and lives on the tuner
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Optional, Union
 
 import torch
@@ -187,8 +188,6 @@ def set_peft_model_state_dict(
         loadable[key] = value
     result = model.load_state_dict(loadable, strict=False, assign=low_cpu_mem_usage)
     if mismatched:
-        import warnings
-
         warnings.warn(f"Some weights of {type(model).__name__} were not initialized from the model checkpoint "
                       "and are being ignored because you passed `ignore_mismatched_sizes=True`: "
                       + "\n".join(mismatched))  # fmt: skip
