@@ -73,7 +73,7 @@ def suite_root() -> Path:
 
 def _download(into: Path) -> Path:
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-               f"peft=={PEFT_VERSION}", "-d", str(into), "-q"]  # fmt: skip
+               f"peft=={PEFT_VERSION}", "-d", str(into), "-q", "--timeout", "30", "--retries", "2"]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     archives = sorted(into.glob(f"peft-{PEFT_VERSION}.tar.gz"))
     if done.returncode != 0 or not archives:
