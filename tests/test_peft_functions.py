@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+
 import peft
 import pytest
 import torch
-from conftest_engine import inputs, logits, tiny_gpt2, tiny_llama, twins
+from conftest_engine import BASE_KWARGS, inputs, logits, tiny_gpt2, tiny_llama, twins
 
 from vblora_store import (
+    convert_to_lora,
     get_base_model_state_dict,
     get_peft_model_state_dict,
     inject_adapter_in_model,
@@ -16,7 +19,7 @@ from vblora_store import (
 )
 from vblora_store.config import VBLoRAConfig
 from vblora_store.engine import VBLoRAModel
-from vblora_store.errors import AdapterNotFoundError, UnsupportedConversionError
+from vblora_store.errors import AdapterNotFoundError, InvalidArgumentError, UnsupportedConversionError
 
 TARGETS = ["q_proj", "v_proj"]
 
@@ -101,3 +104,55 @@ def test_the_tuner_passes_layers_to_the_model_as_peft_s_does():
     inner = tiny_llama().model  # a LlamaModel: its decoder layers are `layers`
     wrapped = VBLoRAModel(inner, VBLoRAConfig(target_modules=TARGETS, vector_length=16))
     assert wrapped.base_model.layers is inner.layers
+
+
+# -- convert_to_lora ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rank", [1, 2, 8, 0.5, 0.9])
+def test_convert_to_lora_is_peft_s(rank):
+    theirs, ours = twins(tiny_gpt2(), target_modules=["c_attn", "c_fc"])
+    assert ours.supports_lora_conversion() and theirs.supports_lora_conversion()
+    peft_config, expected = peft.convert_to_lora(theirs, rank)
+    config, got = convert_to_lora(ours, rank)
+    assert got.keys() == expected.keys()
+    for key in (k for k in got if k.endswith("lora_A.weight")):
+        other = key.replace("lora_A", "lora_B")
+        assert got[key].shape == expected[key].shape and got[other].shape == expected[other].shape
+        torch.testing.assert_close(got[other] @ got[key], expected[other] @ expected[key], atol=1e-5, rtol=1e-4)
+    assert (config["r"], config["lora_alpha"]) == (peft_config.r, peft_config.lora_alpha)
+    assert config["rank_pattern"] == peft_config.rank_pattern
+
+
+def test_convert_to_lora_all_the_energy_stops_at_the_update_s_rank():
+    # PEFT's SVD of the dense ΔW counts round-off directions too (3 here); ours stops at B @ A's rank, exactly
+    _, ours = twins(tiny_gpt2(), target_modules=["c_attn"])
+    config, got = convert_to_lora(ours, 1.0)
+    assert set(config["rank_pattern"].values()) == {BASE_KWARGS["r"]}
+    layer = ours.base_model.model.transformer.h[0].attn.c_attn
+    a, b = layer.build_factors("default")
+    key = "base_model.model.transformer.h.0.attn.c_attn.lora_{}.weight"
+    torch.testing.assert_close(got[key.format("B")] @ got[key.format("A")], b @ a, atol=1e-6, rtol=1e-5)
+
+
+def test_convert_to_lora_runs_as_a_peft_lora_model():
+    base, ids = tiny_llama(), inputs()
+    _, ours = twins(base, target_modules=TARGETS)
+    config, state = convert_to_lora(ours, rank=BASE_KWARGS["r"])  # the adapter's own rank: exact
+    lora = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**{k: v for k, v in config.items()
+                                                                        if k != "peft_type"}))
+    assert peft.set_peft_model_state_dict(lora, state).unexpected_keys == []
+    torch.testing.assert_close(logits(lora, ids), logits(ours, ids), atol=1e-5, rtol=0)
+
+
+def test_convert_to_lora_refuses_what_it_cannot_do():
+    _, ours = twins(tiny_llama(), target_modules=TARGETS)
+    for rank in (0, -1, 1.5, True, "2"):
+        with pytest.raises(InvalidArgumentError, match="rank must be"):
+            convert_to_lora(ours, rank)
+    with pytest.raises(InvalidArgumentError, match="larger than the layer allows"):
+        convert_to_lora(ours, 10_000)
+    _, biased = twins(tiny_llama(), target_modules=TARGETS, bias="all")
+    assert not biased.supports_lora_conversion()
+    with pytest.raises(InvalidArgumentError, match="bias"):
+        convert_to_lora(biased, 2)

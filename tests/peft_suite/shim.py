@@ -17,12 +17,11 @@ import peft
 import torch
 
 from vblora_store.config import VBLoRAConfig
-from vblora_store.engine import VBLoRAModel
-from vblora_store.engine import functions
+from vblora_store.engine import VBLoRAModel, functions, lora_conversion
 
 _REAL = {name: getattr(peft, name) for name in (
     "get_peft_model", "PeftModel", "inject_adapter_in_model", "get_peft_model_state_dict",
-    "set_peft_model_state_dict", "get_base_model_state_dict", "set_base_model_state_dict")}  # fmt: skip
+    "set_peft_model_state_dict", "get_base_model_state_dict", "set_base_model_state_dict", "convert_to_lora")}  # fmt: skip
 _REAL_CONFIG = peft.VBLoRAConfig
 
 
@@ -82,6 +81,16 @@ class PeftModel(metaclass=_PeftModelType):
         return target.from_pretrained(model, model_id, *args, **kwargs)
 
 
+def convert_to_lora(model: Any, rank: Any, adapter_name: str = "default", progressbar: bool = False,
+                    compile_kwargs: Any = None) -> Any:
+    """PEFT's ``convert_to_lora``: ours returns the config as a dictionary; PEFT's callers get a ``LoraConfig``."""
+    if not _is_ours(model):
+        return _REAL["convert_to_lora"](model, rank, adapter_name, progressbar, compile_kwargs)
+    # progressbar and compile_kwargs are PEFT's speed and display options; they change nothing in the result
+    config, state_dict = lora_conversion.convert_to_lora(model, rank, adapter_name)
+    return peft.LoraConfig(**{k: v for k, v in config.items() if k != "peft_type"}), state_dict
+
+
 def _dispatch(name: str, ours: Any, is_ours: Any) -> Any:
     def call(first: Any, *args: Any, **kwargs: Any) -> Any:
         return (ours if is_ours(first, args) else _REAL[name])(first, *args, **kwargs)
@@ -103,6 +112,7 @@ def install() -> None:
             "get_peft_model_state_dict", functions.get_peft_model_state_dict, lambda m, _: _is_ours(m)),
         "set_peft_model_state_dict": _dispatch(
             "set_peft_model_state_dict", functions.set_peft_model_state_dict, lambda m, _: _is_ours(m)),
+        "convert_to_lora": convert_to_lora,
         "get_base_model_state_dict": _dispatch(
             "get_base_model_state_dict", functions.get_base_model_state_dict, lambda m, _: _is_ours(m)),
         "set_base_model_state_dict": _dispatch(

@@ -26,7 +26,9 @@ from ..format.stored import StoredAdapter
 from ..storage_forms import StorageForm
 from .layer import VBLoRALinear
 from .state import load_other_tensors
-from .targeting import CLASSIFIER_HEADS, check_fits, conv1d_class, find_targets, layer_features
+from .targeting import (
+    CLASSIFIER_HEADS, check_fits, conv1d_class, find_targets, layer_features, resolve_target_modules,
+)  # fmt: skip
 from .topk_store import TopKSlice, TopKTensors
 from .trainable import ModulesToSave
 
@@ -35,8 +37,11 @@ __all__ = ["prepared_config", "fan_in_fan_out", "plan_targets", "wrap_adapter", 
 _WRAPPERS = (VBLoRALinear,)
 
 
-def prepared_config(config: VBLoRAConfig) -> VBLoRAConfig:
-    """``config`` itself, with the task head PEFT adds to ``modules_to_save`` (in place, as PEFT's)."""
+def prepared_config(config: VBLoRAConfig, model: nn.Module) -> VBLoRAConfig:
+    """``config`` itself, completed in place as PEFT's: the task head in ``modules_to_save``, and no
+    ``target_modules`` replaced by the model type's defaults (which the saved config then names)."""
+    if config.target_modules is None:
+        config.target_modules = list(resolve_target_modules(model, config))
     heads = CLASSIFIER_HEADS.get(str(config.task_type), [])
     if heads:
         config.modules_to_save = list(config.modules_to_save or []) + [

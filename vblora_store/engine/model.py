@@ -237,6 +237,14 @@ class VBLoRAModel(PassThroughModel):
         wrappers = list(self.base_model.wrappers())
         return bool(self.active_adapters) and not (wrappers and all(m.disable_adapters for m in wrappers))
 
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        """PEFT's: whether :func:`~vblora_store.engine.lora_conversion.convert_to_lora` can convert the adapter.
+
+        Every VB-LoRA adapter's update is ``B @ A``, so every one can, unless it trains biases.
+        """
+        config = self.peft_config.get(adapter_name)
+        return config is not None and config.bias == "none"
+
     @property
     def modules_to_save(self) -> Optional[set[str]]:
         """The ``modules_to_save`` of every adapter together, or ``None`` (as PEFT)."""

@@ -97,7 +97,7 @@ class VBLoRATuner(nn.Module):
             TargetingError: the adapter does not fit the model.
         """
         self.check_new(adapter)
-        config = prepared_config(config)
+        config = prepared_config(config, self.model)
         plan = plan_targets(self.model, config, stored)
         placeholder = meta and stored is None  # a fresh adapter on "meta", awaiting load_adapter
         try:
