@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -114,15 +115,17 @@ def stand_in(model_id: str, cache: Path) -> Path:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = model_class(config)
-    with tempfile.TemporaryDirectory(dir=cache) as tmp:
-        model.save_pretrained(tmp)
-        _tokenizer(config).save_pretrained(tmp)
-        os.replace(tmp, folder)
-        os.mkdir(tmp)  # for the context manager's cleanup
+    staged = Path(tempfile.mkdtemp(dir=cache))
+    try:
+        model.save_pretrained(staged)
+        _tokenizer().save_pretrained(staged)
+        os.replace(staged, folder)  # whole or absent
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
     return folder
 
 
-def _tokenizer(config: transformers.PretrainedConfig) -> transformers.PreTrainedTokenizerFast:
+def _tokenizer() -> transformers.PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer with no merges: every text encodes, ids below 260."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
