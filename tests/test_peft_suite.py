@@ -20,7 +20,7 @@ from peft_suite import sdist, suite
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET = 0.95
-#: The two runs take minutes (about 8 on two cores), so the README's test command leaves them to .ci/run.
+#: The two runs take minutes (4 to 10 on two cores), so the README's test command leaves them to .ci/run.
 ENABLED = os.environ.get("VBLORA_PEFT_SUITE") == "1"
 
 
