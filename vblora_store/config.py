@@ -10,17 +10,32 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from dataclasses import dataclass, field, fields
+from enum import Enum
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from .errors import AdapterNotFoundError, InvalidConfigError, read_error
+from .errors import AdapterNotFoundError, InvalidConfigError, MissingConfigKeyError, read_error
 
-__all__ = ["VBLoRAConfig", "CONFIG_NAME", "PEFT_TYPE"]
+__all__ = ["VBLoRAConfig", "PeftType", "CONFIG_NAME", "PEFT_TYPE", "TASK_TYPES"]
 
 CONFIG_NAME = "adapter_config.json"
 PEFT_TYPE = "VBLORA"
+#: PEFT's ``TaskType`` values, the only ``task_type`` PEFT's configs accept (besides ``None``).
+TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
 _BIAS_MODES = ("none", "all", "vblora_only")
+
+
+class PeftType(str, Enum):
+    """PEFT's ``PeftType``, its VB-LoRA member: a ``str`` equal to ``"VBLORA"``, so it equals PEFT's.
+
+    Example:
+        >>> PeftType.VBLORA.value, PeftType.VBLORA == "VBLORA", json.dumps(PeftType.VBLORA)
+        ('VBLORA', True, '"VBLORA"')
+    """
+
+    VBLORA = PEFT_TYPE
 
 
 @dataclass
@@ -79,7 +94,7 @@ class VBLoRAConfig:
     inference_mode: bool = False
     peft_version: Optional[str] = None
     auto_mapping: Optional[dict] = None
-    peft_type: str = PEFT_TYPE
+    peft_type: PeftType = PeftType.VBLORA
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -87,11 +102,15 @@ class VBLoRAConfig:
             self.target_modules = sorted(self.target_modules)
         if isinstance(self.exclude_modules, (set, tuple)):
             self.exclude_modules = sorted(self.exclude_modules)
+        if isinstance(self.peft_type, str) and self.peft_type.upper() == PEFT_TYPE:
+            self.peft_type = PeftType.VBLORA  # PEFT's spelling (``.value``), also from "VBLORA" or PEFT's enum
+        if isinstance(self.task_type, Enum):  # PEFT's TaskType: its value, equal to it
+            self.task_type = self.task_type.value
         self.validate()
 
     def validate(self, source: str = "VBLoRAConfig") -> None:
         """Raise :class:`InvalidConfigError` naming ``source`` if a field is unusable."""
-        if str(self.peft_type).upper() != PEFT_TYPE:
+        if self.peft_type != PeftType.VBLORA:
             raise InvalidConfigError(
                 f"{source}: peft_type is {self.peft_type!r}, not 'VBLORA'; "
                 "vblora_store reads VB-LoRA adapters only; point it at a folder saved from a PEFT "
@@ -117,6 +136,11 @@ class VBLoRAConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise InvalidConfigError(f"{source}: {name} must be a finite number, got {value!r}.")
+        if self.task_type is not None and self.task_type not in TASK_TYPES:
+            raise InvalidConfigError(
+                f"{source}: task_type {self.task_type!r} is not one of PEFT's task types; use one of "
+                f"{', '.join(TASK_TYPES)}, or None."
+            )
         if self.layers_pattern and self.layers_to_transform is None:
             raise InvalidConfigError(
                 f"{source}: layers_pattern is set but layers_to_transform is not; set both or neither."
@@ -142,10 +166,16 @@ class VBLoRAConfig:
         if not isinstance(data, dict):
             raise InvalidConfigError(f"{source}: expected a JSON object, got {type(data).__name__}.")
         if "peft_type" not in data:
-            raise InvalidConfigError(f"{source}: no peft_type; is this a PEFT adapter_config.json?")
+            raise MissingConfigKeyError(
+                f"{source}: The VBLoRAConfig config that is trying to be loaded is missing required keys: "
+                "{'peft_type'}. Is this a PEFT adapter_config.json?"
+            )
         known = {f.name for f in fields(cls)} - {"extra"}
         kwargs = {k: v for k, v in data.items() if k in known}
         extra = {k: v for k, v in data.items() if k not in known}
+        if extra:  # PEFT's warning; we also keep them and write them back on save
+            warnings.warn(f"Unexpected keyword arguments {list(extra)} for class {cls.__name__}, these are ignored. "
+                          f"({source}: they are kept in `extra` and written back on save.)")  # fmt: skip
         try:
             return cls(**kwargs, extra=extra)
         except InvalidConfigError as e:
@@ -157,7 +187,8 @@ class VBLoRAConfig:
         out: dict[str, Any] = dict(self.extra)
         for f in fields(self):
             if f.name != "extra":
-                out[f.name] = getattr(self, f.name)
+                value = getattr(self, f.name)
+                out[f.name] = value.value if isinstance(value, Enum) else value  # "VBLORA", as PEFT writes
         return out
 
     @classmethod
@@ -173,6 +204,17 @@ class VBLoRAConfig:
         file = path / CONFIG_NAME if path.is_dir() else path
         if not file.is_file():
             raise AdapterNotFoundError(f"{file}: no {CONFIG_NAME} here; point at a PEFT adapter folder.")
+        return cls.from_dict(cls.from_json_file(file), source=str(file))
+
+    @classmethod
+    def from_json_file(cls, path_json_file: Union[str, Path]) -> dict[str, Any]:
+        """The parsed JSON of a config file, as PEFT's: a dictionary, ``runtime_config`` left out.
+
+        Example:
+            >>> VBLoRAConfig.from_json_file("fixtures/tiny-llama-vblora/adapter_config.json")["peft_type"]
+            'VBLORA'
+        """
+        file = Path(path_json_file)
         try:
             data = json.loads(file.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
@@ -181,7 +223,9 @@ class VBLoRAConfig:
             ) from e
         except OSError as e:  # permissions, an I/O error: the file may be sound
             raise read_error(file, e) from e
-        return cls.from_dict(data, source=str(file))
+        if isinstance(data, dict):
+            data.pop("runtime_config", None)  # PEFT's run-time settings, never read from a file
+        return data
 
     def to_json_string(self) -> str:
         """The exact text PEFT writes: two-space indent, sorted keys."""

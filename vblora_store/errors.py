@@ -20,10 +20,12 @@ __all__ = [
     "AdapterNotFoundError",
     "InvalidAdapterError",
     "InvalidConfigError",
+    "MissingConfigKeyError",
     "UnsupportedConversionError",
     "DestinationExistsError",
     "TargetingError",
     "AdapterStateError",
+    "AdapterNameError",
     "UnsafeMergeError",
     "InvalidArgumentError",
     "AdapterNamesError",
@@ -58,6 +60,10 @@ class InvalidConfigError(VBLoRAStoreError, ValueError):
     """An ``adapter_config.json`` or a ``VBLoRAConfig`` is unusable."""
 
 
+class MissingConfigKeyError(InvalidConfigError, TypeError):
+    """A config file lacks a key every PEFT config has (a ``TypeError`` too, as PEFT raises)."""
+
+
 class UnsupportedConversionError(VBLoRAStoreError, ValueError):
     """A conversion that cannot be done, such as top-k back to full logits."""
 
@@ -70,12 +76,20 @@ class TargetingError(VBLoRAStoreError, ValueError):
     """A model's modules do not fit the adapter (no match, bad shapes)."""
 
 
-class AdapterStateError(VBLoRAStoreError, RuntimeError):
-    """An operation that the adapter's current state does not allow."""
+class AdapterStateError(VBLoRAStoreError, ValueError, RuntimeError):
+    """An operation that the adapter's current state does not allow.
+
+    A ``ValueError``, as PEFT raises for an unknown, taken or merged adapter name,
+    and a ``RuntimeError``, as PEFT's training forward raises for ``-inf`` logits.
+    """
 
 
-class UnsafeMergeError(AdapterStateError, ValueError):
-    """``safe_merge`` found NaN or infinite merged weights (a ``ValueError`` too, as PEFT raises)."""
+class AdapterNameError(AdapterStateError):
+    """A name that cannot name an adapter: empty, with a ``.``, or the reserved ``"__base__"``."""
+
+
+class UnsafeMergeError(AdapterStateError):
+    """``safe_merge`` found NaN or infinite merged weights (a ``ValueError``, as PEFT raises)."""
 
 
 class InvalidArgumentError(VBLoRAStoreError, ValueError):
@@ -221,6 +235,12 @@ def read_error(path: Union[str, Path], error: OSError) -> ReadError:
     return ReadError(problem.message("read", path))
 
 
+#: PEFT's words for the same refusal, kept in ours so code matching PEFT's message still matches.
+_PEFT_TRAINING_REFUSAL = (
+    "Found infinity values in VB-LoRA logits. Ensure training was not resumed from a `save_only_topk_weights` model."
+)
+
+
 def untrainable_topk(where: str, form: str, fix: str) -> AdapterStateError:
     """Training asked of an adapter held without logits (top-k, packed, ...), with the caller's ``fix``.
 
@@ -230,7 +250,7 @@ def untrainable_topk(where: str, form: str, fix: str) -> AdapterStateError:
     """
     return AdapterStateError(
         f"{where}: held in {form} form, which keeps the top-k weights but not the logits, so it cannot be "
-        f"trained; {fix}"
+        f"trained; {fix} (PEFT: {_PEFT_TRAINING_REFUSAL})"
     )
 
 
@@ -243,5 +263,5 @@ def untrainable_dropped_logits(where: str, fix: str) -> AdapterStateError:
     """
     return AdapterStateError(
         f"{where} holds -inf logits (PEFT's full save of an adapter loaded from top-k form): the dropped "
-        f"logits can never re-enter the top-k, so it cannot be trained; {fix}"
+        f"logits can never re-enter the top-k, so it cannot be trained; {fix} (PEFT: {_PEFT_TRAINING_REFUSAL})"
     )

@@ -11,5 +11,17 @@ from .topk_store import TopKTensors
 from .model import VBLoRAModel
 from .targeting import find_targets
 from .trainable import ModulesToSave
+from .lora_conversion import convert_to_lora
+from .functions import (
+    get_base_model_state_dict,
+    get_peft_model_state_dict,
+    inject_adapter_in_model,
+    set_base_model_state_dict,
+    set_peft_model_state_dict,
+)
 
-__all__ = ["VBLoRAModel", "VBLoRALinear", "TopKTensors", "FactorCache", "ModulesToSave", "find_targets"]
+__all__ = [
+    "VBLoRAModel", "VBLoRALinear", "TopKTensors", "FactorCache", "ModulesToSave", "find_targets",
+    "convert_to_lora", "get_base_model_state_dict", "get_peft_model_state_dict", "inject_adapter_in_model",
+    "set_base_model_state_dict", "set_peft_model_state_dict",
+]  # fmt: skip

@@ -12,7 +12,6 @@ calls both, and undoes a half-done injection.
 
 from __future__ import annotations
 
-import dataclasses
 import warnings
 from typing import Optional
 
@@ -27,7 +26,9 @@ from ..format.stored import StoredAdapter
 from ..storage_forms import StorageForm
 from .layer import VBLoRALinear
 from .state import load_other_tensors
-from .targeting import CLASSIFIER_HEADS, check_fits, conv1d_class, find_targets, layer_features
+from .targeting import (
+    CLASSIFIER_HEADS, check_fits, conv1d_class, find_targets, layer_features, resolve_target_modules,
+)  # fmt: skip
 from .topk_store import TopKSlice, TopKTensors
 from .trainable import ModulesToSave
 
@@ -36,9 +37,11 @@ __all__ = ["prepared_config", "fan_in_fan_out", "plan_targets", "wrap_adapter", 
 _WRAPPERS = (VBLoRALinear,)
 
 
-def prepared_config(config: VBLoRAConfig) -> VBLoRAConfig:
-    """A copy of ``config`` with the task head PEFT adds to ``modules_to_save``."""
-    config = dataclasses.replace(config)
+def prepared_config(config: VBLoRAConfig, model: nn.Module) -> VBLoRAConfig:
+    """``config`` itself, completed in place as PEFT's: the task head in ``modules_to_save``, and no
+    ``target_modules`` replaced by the model type's defaults (which the saved config then names)."""
+    if config.target_modules is None:
+        config.target_modules = list(resolve_target_modules(model, config))
     heads = CLASSIFIER_HEADS.get(str(config.task_type), [])
     if heads:
         config.modules_to_save = list(config.modules_to_save or []) + [
@@ -104,12 +107,13 @@ def wrap_adapter(
     tuner removes what was added if this fails half-way.
     """
 
-    def widen(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    def dtype_beside(like: torch.Tensor) -> torch.dtype:
         """PEFT's dtype rule: the layer's dtype, and with ``autocast_adapter_dtype`` half precision as float32."""
-        if not value.is_floating_point():
-            return value
         half = like.dtype in (torch.float16, torch.bfloat16)
-        return value.to(torch.float32 if autocast and half else like.dtype)
+        return torch.float32 if autocast and half else like.dtype
+
+    def widen(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return value.to(dtype_beside(like)) if value.is_floating_point() else value
 
     tuner.peft_config[adapter] = config
     tuner.storage_form[adapter] = StorageForm.FULL if stored is None else stored.form
@@ -128,7 +132,7 @@ def wrap_adapter(
         if stored is None:
             if not meta:
                 bank.uniform_(-bound, bound)  # PEFT redraws the bank per module; the last draw is kept
-            module.add_full(adapter, config, device="meta" if meta else target)
+            module.add_full(adapter, config, device="meta" if meta else target, dtype=dtype_beside(base.weight))
         elif stored.form.has_logits:
             sides = module_sides(stored, name)  # the one door: checked reads
             module.add_full(adapter, config, *[widen(sides[side][0], base.weight).to(target) for side in "AB"])
@@ -136,10 +140,13 @@ def wrap_adapter(
             sides = module_sides(stored, name)
             (a_idx, a_w), (b_idx, b_w) = [(i, widen(w, base.weight)) for i, w in (sides["A"], sides["B"])]
             where = TopKSlice(start, tuple(a_idx.shape[:2]), tuple(b_idx.shape[:2]))
+            # Sizes spelled out: with topk=1 the weights hold no element, and reshape(-1, 0) is ambiguous.
             for part in (a_idx, b_idx):
-                topk_indices.append(part.reshape(-1, part.shape[-1]))  # (rows, cols, k) -> (slots, k)
+                rows, cols, k = part.shape
+                topk_indices.append(part.reshape(rows * cols, k))  # (rows, cols, k) -> (slots, k)
             for part in (a_w, b_w):
-                topk_weights.append(part.reshape(-1, part.shape[-1]))  # (rows, cols, k-1) -> (slots, k-1)
+                rows, cols, k_less = part.shape
+                topk_weights.append(part.reshape(rows * cols, k_less))  # (rows, cols, k-1) -> (slots, k-1)
             start = where.b_slots.stop
             module.add_topk(adapter, config, where)
         if name not in tuner.targeted_module_names:
@@ -152,6 +159,8 @@ def wrap_adapter(
         tuner.vblora_topk[adapter] = TopKTensors(
             torch.cat(topk_indices).to(device), torch.cat(topk_weights).to(device)
         )
+    if stored is None:
+        bank = bank.to(dtype_beside(first))  # drawn in float32, as PEFT draws it, then cast
     tuner.vblora_vector_bank[adapter] = nn.Parameter(bank if meta else bank.to(device))
     add_modules_to_save(tuner, adapter, list(config.modules_to_save or []))
     if stored is not None:

@@ -20,7 +20,7 @@ costs one :func:`~vblora_store.engine.batched.add_lora`.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -93,13 +93,21 @@ class VBLoRALinear(nn.Module):
         self.vblora_dropout = nn.ModuleDict()
         self.r: dict[str, int] = {}
         self.topk: dict[str, int] = {}
-        self.active_adapter: Optional[str] = None
+        self.active_adapter: Union[str, list[str], None] = None  # a name, or several (their updates add up)
         self.merged_adapters: list[str] = []
         self.disable_adapters = False
         self.factor_slots = FactorSlots(self.in_features, self.out_features, like=base_layer.weight)
         self._cache.register(self)
 
     # -- what PEFT's tuner layers expose ---------------------------------------------
+
+    adapter_layer_names = ("vblora_logits_A", "vblora_logits_B", "vblora_vector_bank")  # by adapter name
+    other_param_names = ("r", "topk", "vblora_dropout")
+
+    @property
+    def vblora_vector_bank(self) -> nn.ParameterDict:
+        """The model's banks by adapter name: shared by every layer, in the model's state dict once."""
+        return self._banks
 
     @property
     def weight(self) -> torch.Tensor:
@@ -115,6 +123,12 @@ class VBLoRALinear(nn.Module):
     def merged(self) -> bool:
         """Whether an adapter is merged into the base weight."""
         return bool(self.merged_adapters)
+
+    @property
+    def active_adapters(self) -> list[str]:
+        """The active adapters as a list (PEFT's plural form)."""
+        active = self.active_adapter
+        return [] if active is None else [active] if isinstance(active, str) else list(active)
 
     @property
     def adapters(self) -> list[str]:
@@ -145,6 +159,7 @@ class VBLoRALinear(nn.Module):
         logits_B: Optional[torch.Tensor] = None,
         *,
         device: Optional[torch.device] = None,
+        dtype: torch.dtype = torch.float32,
     ) -> None:
         """Add an adapter in full form, from given logits or freshly initialised.
 
@@ -156,6 +171,7 @@ class VBLoRALinear(nn.Module):
                 CPU in PEFT's order (A then B), then moved to ``device``.
             device: Where fresh logits go (default: the base weight's device;
                 ``meta`` allocates nothing).
+            dtype: The dtype of fresh logits (drawn in float32, then cast, as PEFT does).
         """
         self._add_common(adapter, config)
         if logits_A is None or logits_B is None:
@@ -167,7 +183,7 @@ class VBLoRALinear(nn.Module):
                 nn.init.normal_(logits_A, 0.0, config.init_logits_std)
                 nn.init.normal_(logits_B, 0.0, config.init_logits_std)
             target = device if device is not None else self.base_layer.weight.device
-            logits_A, logits_B = logits_A.to(target), logits_B.to(target)
+            logits_A, logits_B = logits_A.to(target, dtype), logits_B.to(target, dtype)
         self.vblora_logits_A[adapter] = nn.Parameter(logits_A)
         self.vblora_logits_B[adapter] = nn.Parameter(logits_B)
 
@@ -191,8 +207,10 @@ class VBLoRALinear(nn.Module):
         slot = self._cache.slot_of(adapter)
         if slot is not None:
             self.factor_slots.clear(slot)
-        if self.active_adapter == adapter:
-            self.active_adapter = next(iter(self.r), None)
+        if adapter in self.active_adapters:
+            rest = [name for name in self.active_adapters if name != adapter]
+            single = isinstance(self.active_adapter, str) or not rest
+            self.active_adapter = (rest[0] if rest else next(iter(self.r), None)) if single else rest
 
     # -- the factors ---------------------------------------------------------------------------
 
@@ -285,8 +303,8 @@ class VBLoRALinear(nn.Module):
                 merged.add_(delta)  # computed in the promoted dtype, stored in the weight's
                 if not bool(torch.isfinite(merged).all()):
                     raise UnsafeMergeError(
-                        f"module {self.module_name!r}: merging adapter {adapter!r} gives NaN or infinite "
-                        "weights; the adapter is broken, nothing was merged. Retrain or reload it."
+                        f"module {self.module_name!r}: NaNs detected in the merged weights. The adapter {adapter} "
+                        "seems to be broken (NaN or infinite values); nothing was merged. Retrain or reload it."
                     )
                 weight.data = merged
             else:
@@ -303,7 +321,7 @@ class VBLoRALinear(nn.Module):
     # -- forward --------------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        """``base_layer(x)`` plus the active adapter's ``dropout(x) @ A.T @ B.T``, or each row's own."""
+        """``base_layer(x)`` plus each active adapter's ``dropout(x) @ A.T @ B.T``, or each row's own."""
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
@@ -311,9 +329,15 @@ class VBLoRALinear(nn.Module):
         result = self.base_layer(x, *args, **kwargs)
         if self._route.rows is not None:
             return self._routed(x, result)
-        adapter = self.active_adapter
-        if self.merged or adapter is None or adapter not in self.r:
+        if self.merged:
             return result
+        for adapter in self.active_adapters:  # several active adapters: their updates add up (PEFT's)
+            if adapter in self.r:
+                result = self._add_adapter(adapter, x, result)
+        return result
+
+    def _add_adapter(self, adapter: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """``result`` plus ``adapter``'s ``dropout(x) @ A.T @ B.T``."""
         if self.training and torch.is_grad_enabled() and self.is_topk(adapter):
             fix = "call model.eval() for inference, or load the full-form adapter."
             raise untrainable_topk(f"module {self.module_name!r}, adapter {adapter!r}", "top-k", fix)

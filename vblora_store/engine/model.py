@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..config import VBLoRAConfig
-from .loading import as_config, load_adapter
+from .loading import DeviceMap, as_config, check_device_map, load_adapter
 from .passthrough import PassThroughModel
 from .saving import save_model
 from .state import savable_parameter_counts
@@ -36,8 +36,10 @@ class VBLoRAModel(PassThroughModel):
 
     Args:
         model: A ``torch.nn.Module`` (a transformers model or any other).
-        config: The new adapter's config.
+        config: The new adapter's config (kept, as PEFT keeps it); ``inference_mode=True`` freezes it.
         adapter_name: Its name.
+        autocast_adapter_dtype: On a float16/bfloat16 model, make the adapter float32 (PEFT's
+            default); off, it takes each layer's dtype.
         low_cpu_mem_usage: Allocate the new adapter on the ``meta`` device (fill
             it later with :meth:`load_adapter` under the same name).
         max_cached_factors: Most adapters whose dense factors are kept built at
@@ -57,12 +59,15 @@ class VBLoRAModel(PassThroughModel):
         model: nn.Module,
         config: VBLoRAConfig,
         adapter_name: str = "default",
+        autocast_adapter_dtype: bool = True,
         low_cpu_mem_usage: bool = False,
         *,
         max_cached_factors: Optional[int] = None,
     ):
         super().__init__(VBLoRATuner(model, max_cached_factors=max_cached_factors))
-        self.add_adapter(adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage)
+        self.add_adapter(
+            adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage, autocast_adapter_dtype=autocast_adapter_dtype
+        )
 
     @classmethod
     def from_pretrained(
@@ -79,6 +84,7 @@ class VBLoRAModel(PassThroughModel):
         revision: Optional[str] = None,
         subfolder: Optional[str] = None,
         max_cached_factors: Optional[int] = None,
+        device_map: Optional[DeviceMap] = None,
     ) -> "VBLoRAModel":
         """Wrap ``model`` with the adapter saved at ``model_id`` (full, top-k or packed form).
 
@@ -88,8 +94,10 @@ class VBLoRAModel(PassThroughModel):
                 Hub repo id (``namespace/name``).
             adapter_name: The name to give the adapter.
             is_trainable: Keep training it (full form only); otherwise the
-                adapter is frozen and the model put in eval mode.
-            config: Use this config (ours or PEFT's ``VBLoRAConfig``) instead of the saved one.
+                adapter is frozen and the model put in eval mode.  The config's
+                ``inference_mode`` becomes ``not is_trainable``, as in PEFT.
+            config: Use this config (ours or PEFT's ``VBLoRAConfig``) instead of the saved one;
+                ours is kept as the adapter's config, as PEFT keeps its own.
             autocast_adapter_dtype: Load float16/bfloat16 adapter tensors as float32 (PEFT's default).
             low_cpu_mem_usage: Accepted for PEFT compatibility; loading never
                 allocates a random adapter first, so memory is always low.
@@ -97,6 +105,10 @@ class VBLoRAModel(PassThroughModel):
             revision: Branch, tag or commit of a Hub repo.
             subfolder: The adapter's folder inside the repo or the local folder.
             max_cached_factors: Most adapters whose dense factors are kept built at once.
+            device_map: Where the model's modules are (accelerate's map: ``{"": "cpu"}``,
+                ``{"model.layers.0": 0, ...}``).  The adapter goes beside each layer; the
+                model is never moved or dispatched here, so a map the model does not
+                already follow is refused, as is a strategy (``"auto"``, ...).
 
         Returns:
             The wrapped model.
@@ -104,12 +116,15 @@ class VBLoRAModel(PassThroughModel):
         Raises:
             AdapterStateError: ``is_trainable`` with a top-k adapter.
             TargetingError: the adapter's modules do not fit ``model``.
+            InvalidArgumentError: a ``device_map`` the model does not follow.
 
         Example:
             >>> model = VBLoRAModel.from_pretrained(base, "fixtures/tiny-llama-vblora")
             >>> model.active_adapter, model.storage_form["default"].value
             ('default', 'full')
         """
+        if device_map is not None:
+            check_device_map(model, device_map)
         self = cls.__new__(cls)
         PassThroughModel.__init__(self, VBLoRATuner(model, max_cached_factors=max_cached_factors))
         self.load_adapter(
@@ -122,9 +137,25 @@ class VBLoRAModel(PassThroughModel):
     # -- adapters ------------------------------------------------------------------------
 
     def add_adapter(
-        self, adapter_name: str, config: VBLoRAConfig, *, low_cpu_mem_usage: bool = False
+        self,
+        adapter_name: str,
+        peft_config: VBLoRAConfig,
+        low_cpu_mem_usage: bool = False,
+        autocast_adapter_dtype: bool = True,
     ) -> None:
-        """Add a freshly initialised adapter (trainable if it is the first one, like PEFT).
+        """Add a freshly initialised adapter (PEFT's ``add_adapter``); it does not become active.
+
+        It is trainable if it is the active one (the first adapter) and its
+        config's ``inference_mode`` is off, as in PEFT.
+
+        Args:
+            adapter_name: Its name.
+            peft_config: Its config (ours or PEFT's ``VBLoRAConfig``; ours is kept).
+            low_cpu_mem_usage: Allocate it on the ``meta`` device, to be filled by :meth:`load_adapter`.
+            autocast_adapter_dtype: On a float16/bfloat16 model, make it float32; off, each layer's dtype.
+
+        Raises:
+            AdapterStateError: the name is taken; AdapterNameError: reserved (``"__base__"``) or malformed.
 
         Example:
             >>> from vblora_store import VBLoRAConfig
@@ -132,9 +163,9 @@ class VBLoRAModel(PassThroughModel):
             >>> list(model.peft_config)
             ['default', 'second']
         """
-        tuner = self.base_model
-        tuner.inject(adapter_name, as_config(config), None, meta=low_cpu_mem_usage)
-        tuner.set_trainable(adapter_name, adapter_name == tuner.active_adapter)
+        tuner, config = self.base_model, as_config(peft_config)
+        tuner.inject(adapter_name, config, None, meta=low_cpu_mem_usage, autocast=autocast_adapter_dtype)
+        tuner.set_trainable(adapter_name, adapter_name in tuner.active_adapters and not config.inference_mode)
 
     def load_adapter(
         self,
@@ -178,14 +209,17 @@ class VBLoRAModel(PassThroughModel):
 
     @property
     def active_adapter(self) -> Optional[str]:
-        """The adapter that runs (PEFT's singular form)."""
-        return self.base_model.active_adapter
+        """The active adapter's name (PEFT's singular form).
+
+        With several active (``base_model.set_adapter([...])``), as in PEFT, the
+        last single name made active; ``active_adapters`` lists them all.
+        """
+        return self.base_model.named_active
 
     @property
     def active_adapters(self) -> list[str]:
-        """``[active_adapter]`` (PEFT's plural form)."""
-        active = self.base_model.active_adapter
-        return [] if active is None else [active]
+        """The adapters that run, as a list (PEFT's plural form)."""
+        return self.base_model.active_adapters
 
     @property
     def peft_config(self) -> dict[str, VBLoRAConfig]:
@@ -198,6 +232,20 @@ class VBLoRAModel(PassThroughModel):
         return self.peft_config[self.active_adapter]
 
     @property
+    def has_active_enabled_adapter(self) -> bool:
+        """Whether an adapter is active and the adapter layers are not disabled (``disable_adapter()``)."""
+        wrappers = list(self.base_model.wrappers())
+        return bool(self.active_adapters) and not (wrappers and all(m.disable_adapters for m in wrappers))
+
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        """PEFT's: whether :func:`~vblora_store.engine.lora_conversion.convert_to_lora` can convert the adapter.
+
+        Every VB-LoRA adapter's update is ``B @ A``, so every one can, unless it trains biases.
+        """
+        config = self.peft_config.get(adapter_name)
+        return config is not None and config.bias == "none"
+
+    @property
     def modules_to_save(self) -> Optional[set[str]]:
         """The ``modules_to_save`` of every adapter together, or ``None`` (as PEFT)."""
         modules = {m for config in self.peft_config.values() for m in (config.modules_to_save or [])}
@@ -207,20 +255,25 @@ class VBLoRAModel(PassThroughModel):
     def disable_adapter(self) -> Iterator[None]:
         """Run the base model alone inside the ``with`` block (a merged adapter is unmerged).
 
+        Inside, no adapter tensor requires gradients (as in PEFT); on exit each layer is
+        enabled or disabled, and each tensor requires gradients, exactly as before.
+
         Example:
             >>> with model.disable_adapter():
             ...     base_logits = model(input_ids=ids).logits
             >>> torch.equal(base_logits, base(input_ids=ids).logits)
             True
         """
-        wrappers = list(self.base_model.wrappers())
-        for module in wrappers:
-            module.disable_adapters = True
+        tuner = self.base_model
+        before = [(module, module.disable_adapters) for module in tuner.wrappers()]
+        tuner.disable_adapter_layers()
         try:
             yield
         finally:
-            for module in wrappers:
-                module.disable_adapters = False
+            if not all(disabled for _, disabled in before):  # else they stay disabled, as they were
+                tuner.enable_adapter_layers()
+                for module, disabled in before:
+                    module.disable_adapters = disabled
 
     # -- saving and publishing ----------------------------------------------------------------
 

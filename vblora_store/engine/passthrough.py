@@ -36,6 +36,27 @@ class PassThroughModel(nn.Module):
         """The wrapped model (with its layers wrapped)."""
         return self.base_model.model
 
+    def prepare_model_for_gradient_checkpointing(self, model: nn.Module) -> nn.Module:
+        """PEFT's: make ``model``'s input embeddings' output require gradients, so checkpointed blocks get some.
+
+        A frozen embedding under gradient checkpointing would give the
+        checkpointed blocks no input that requires gradients; quantized models
+        are left alone, as PEFT leaves them.
+
+        Args:
+            model: The wrapped model (``get_base_model()``).
+
+        Returns:
+            ``model``.
+        """
+        if any(getattr(model, flag, False) for flag in ("is_loaded_in_8bit", "is_loaded_in_4bit", "is_quantized")):
+            return model
+        if hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
+        elif hasattr(model, "get_input_embeddings"):
+            model.get_input_embeddings().register_forward_hook(lambda module, args, output: output.requires_grad_(True))
+        return model
+
     forward = WrappedForward()
 
     def _forward(self, *args: Any, adapter_names: Optional[list[str]] = None, **kwargs: Any) -> Any:
@@ -77,14 +98,15 @@ class PassThroughModel(nn.Module):
     def max_cached_factors(self, value: Optional[int]) -> None:
         self.base_model.factor_cache.capacity = value
 
-    def gradient_checkpointing_enable(self, **kwargs: Any) -> None:
+    def gradient_checkpointing_enable(self, *args: Any, **kwargs: Any) -> None:
         """Enable the wrapped model's gradient checkpointing, keeping inputs differentiable.
 
-        With a frozen embedding the checkpointed blocks would see no input
-        requiring gradients; like PEFT, input gradients are switched on.
+        Takes what the wrapped model's takes (transformers': ``gradient_checkpointing_kwargs``,
+        positional or by keyword).  With a frozen embedding the checkpointed blocks would
+        see no input requiring gradients; like PEFT, input gradients are switched on.
         """
         inner = self.base_model.model
-        inner.gradient_checkpointing_enable(**kwargs)
+        inner.gradient_checkpointing_enable(*args, **kwargs)
         if hasattr(inner, "enable_input_require_grads"):
             inner.enable_input_require_grads()
 

@@ -6,8 +6,12 @@ row, ``"__base__"`` for none) and for every call of a compiled model; every
 adapter layer and ``modules_to_save`` wrapper of the model reads the same one.
 A layer sees its input batch first: ``rows`` inputs, or ``rows * m`` where
 ``m`` is one of ``multiples`` (``generate`` repeats each row for beams or
-returned sequences, consecutively).  Any other leading size is refused, so a
-layer that does not keep the batch first can never mix rows up silently.
+returned sequences, consecutively), or, in a model that flattens its tokens
+before a layer (OPT's ``fc1`` and ``fc2`` see ``(batch·seq, hidden)``),
+``rows * m * seq`` where ``seq`` is the sequence length of the forward in
+flight: the batch's rows flattened in order, each row's tokens consecutive.
+Any other leading size is refused, so a layer that does not keep the batch
+first can never mix rows up silently.
 """
 
 from __future__ import annotations
@@ -16,12 +20,36 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..errors import AdapterNamesError
+from ..errors import AdapterNameError, AdapterNamesError
 
-__all__ = ["BASE_ADAPTER", "BatchRoute", "check_adapter_names"]
+__all__ = ["BASE_ADAPTER", "BatchRoute", "check_adapter_names", "check_new_name"]
 
-#: The name that runs a row without any adapter (PEFT's).
+#: The name that runs a row without any adapter (PEFT's); reserved, so no adapter may take it.
 BASE_ADAPTER = "__base__"
+
+
+def check_new_name(name: str) -> str:
+    """``name`` if an adapter may take it: a non-empty string with no ``.``, not ``"__base__"``.
+
+    Raises:
+        AdapterNameError: it may not (a ``ValueError``).
+
+    Example:
+        >>> check_new_name("fr")
+        'fr'
+        >>> check_new_name("__base__")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        vblora_store.errors.AdapterNameError: adapter name '__base__' is reserved: ...
+    """
+    if name == BASE_ADAPTER:
+        raise AdapterNameError(
+            f"adapter name {BASE_ADAPTER!r} is reserved: adapter_names=[{BASE_ADAPTER!r}] runs a row without "
+            "any adapter; pick another name."
+        )
+    if not isinstance(name, str) or not name or "." in name:
+        raise AdapterNameError(f"adapter name {name!r} is empty or has a '.'; pick a plain name.")
+    return name
 
 
 def check_adapter_names(adapter_names, *, known: Sequence[str], rows: Optional[int]) -> list[str]:
@@ -72,6 +100,8 @@ class BatchRoute:
         slots: ``(rows,)`` int64, each row's factor slot (0: no adapter).
         names: Each row's adapter name (``modules_to_save`` wrappers route by name).
         multiples: Leading sizes a layer may see, as multiples of ``rows``.
+        seq: The sequence length of the forward in flight (``None``: unknown), set by the model's
+            forward pre-hook; a layer may also see ``rows * m * seq`` rows (tokens flattened in order).
         keep: ``(rows,)`` float, each row's keep probability for dropout (training mode only), or ``None``.
     """
 
@@ -84,6 +114,7 @@ class BatchRoute:
         self.slots: Optional[torch.Tensor] = None
         self.names: Optional[list[str]] = None
         self.multiples: tuple[int, ...] = (1,)
+        self.seq: Optional[int] = None
         self.keep: Optional[torch.Tensor] = None
         self._placed: dict = {}
 
@@ -94,20 +125,27 @@ class BatchRoute:
         slots: torch.Tensor,
         multiples: Sequence[int] = (1,),
         keep: Optional[torch.Tensor] = None,
+        seq: Optional[int] = None,
     ) -> None:
-        """Start a call whose rows use ``names`` (and so ``slots``)."""
+        """Start a call whose rows use ``names`` (and so ``slots``), of sequence length ``seq`` if known."""
         self.clear()
         self.rows, self.names, self.slots = len(names), names, slots
         self.multiples = tuple(sorted(set(multiples) | {1}))
         self.keep = keep
+        self.seq = seq
 
     def _multiple(self, leading: int, module: str) -> int:
-        if self.rows and leading % self.rows == 0 and leading // self.rows in self.multiples:
-            return leading // self.rows
+        """How many consecutive input rows of a layer belong to each row of the batch."""
+        per_row, rest = divmod(leading, self.rows) if self.rows else (0, 1)
+        seq = self.seq
+        flattened = bool(seq) and per_row % seq == 0 and per_row // seq in self.multiples
+        if rest == 0 and (per_row in self.multiples or flattened):
+            return per_row
         raise AdapterNamesError(
             f"module {module!r} received an input of {leading} rows in a batch of {self.rows} "
-            "(adapter_names); mixed-adapter batches need every adapted module to see the batch dimension "
-            "first. Run such a model one adapter at a time (set_adapter)."
+            f"(adapter_names, sequence length {seq}); mixed-adapter batches need every adapted module to see "
+            "the batch dimension first, or the batch's tokens flattened in order. Run such a model one "
+            "adapter at a time (set_adapter)."
         )
 
     def slots_for(self, leading: int, device: torch.device, module: str) -> torch.Tensor:

@@ -187,7 +187,7 @@ def save_model(
     if not is_main_process:
         return
     root.mkdir(parents=True, exist_ok=True)
-    write_model_card(root, tuner.model, tuner.peft_config[tuner.active_adapter or adapters[0]])
+    write_model_card(root, tuner.model, tuner.peft_config[(tuner.active_adapters or adapters)[0]])
     for adapter in adapters:
         config = tuner.peft_config[adapter]
         topk = config.save_only_topk_weights if save_only_topk_weights is None else save_only_topk_weights

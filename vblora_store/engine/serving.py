@@ -32,6 +32,7 @@ from .routing import BASE_ADAPTER, check_adapter_names
 
 __all__ = [
     "batch_rows",
+    "sequence_length",
     "generate_multiples",
     "open_route",
     "close_route",
@@ -55,6 +56,28 @@ def batch_rows(args: Sequence[Any], kwargs: dict[str, Any]) -> Optional[int]:
     candidates += [kwargs[k] for k in _BATCH_KWARGS if isinstance(kwargs.get(k), torch.Tensor)]
     candidates += [v for v in kwargs.values() if isinstance(v, torch.Tensor)]
     return int(candidates[0].shape[0]) if candidates and candidates[0].dim() else None
+
+
+def sequence_length(args: Sequence[Any], kwargs: dict[str, Any]) -> Optional[int]:
+    """The sequence length of a language model's forward: ``input_ids`` or ``inputs_embeds``'s second size.
+
+    Only token inputs count (a first positional argument of integer ids too): the
+    length of another input (an image's channels) is no sequence of rows.
+
+    Example:
+        >>> sequence_length((), {"input_ids": torch.zeros(2, 5, dtype=torch.long)})
+        5
+        >>> sequence_length((torch.zeros(2, 3, 8, 8),), {}) is None
+        True
+    """
+    for name in ("input_ids", "inputs_embeds"):
+        value = kwargs.get(name)
+        if isinstance(value, torch.Tensor) and value.dim() >= 2:
+            return int(value.shape[1])
+    first = args[0] if args else None
+    if isinstance(first, torch.Tensor) and first.dim() == 2 and not first.is_floating_point():
+        return int(first.shape[1])
+    return None
 
 
 def generate_multiples(model: torch.nn.Module, kwargs: dict[str, Any]) -> tuple[int, ...]:
@@ -103,9 +126,10 @@ def open_route(
     """
     rows = batch_rows(args, kwargs)
     if adapter_names is None:
-        active = model.active_adapter
-        if active is None or rows is None or active in model._placeholders:
-            return
+        actives = model.active_adapters
+        if len(actives) != 1 or rows is None or actives[0] in model._placeholders:
+            return  # no adapter, or several (their layers add them up unrouted)
+        active = actives[0]
         training = torch.is_grad_enabled() and model.vblora_vector_bank[active].requires_grad
         if training or any(layer.merged for layer in model.factor_cache.layers):
             return
@@ -140,7 +164,7 @@ def open_route(
         drop = [model.peft_config[n].vblora_dropout if n != BASE_ADAPTER else 0.0 for n in names]
         if any(drop):
             keep = torch.tensor([1.0 - p for p in drop], device=device)
-    model._route.open(names=names, slots=slots, multiples=multiples, keep=keep)
+    model._route.open(names=names, slots=slots, multiples=multiples, keep=keep, seq=sequence_length(args, kwargs))
 
 
 @torch.compiler.disable
@@ -153,11 +177,23 @@ def close_route(model) -> None:
 def routing(
     model, adapter_names: Sequence[str], args, kwargs, *, multiples: Sequence[int] = (1,)
 ) -> Iterator[None]:
-    """:func:`open_route` for the ``with`` block, closed whatever happens in it."""
+    """:func:`open_route` for the ``with`` block, closed whatever happens in it.
+
+    Meanwhile every forward of the wrapped model (each step of ``generate``)
+    records its sequence length on the route, so a layer that sees the batch's
+    tokens flattened, ``(rows·seq, hidden)`` as OPT's ``fc1``, is routed row by row.
+    """
+    route = model._route
+
+    def record_length(module, call_args, call_kwargs) -> None:
+        route.seq = sequence_length(call_args, call_kwargs)
+
     open_route(model, adapter_names, args, kwargs, multiples=multiples)
+    hook = model.model.register_forward_pre_hook(record_length, with_kwargs=True)
     try:
         yield
     finally:
+        hook.remove()
         close_route(model)
 
 

@@ -86,13 +86,12 @@ def layer_status(tuner: nn.Module) -> list[LayerStatus]:
             continue
         tensors = _adapter_tensors(module)
         available = module.adapters if isinstance(module, VBLoRALinear) else list(module.modules_to_save)
-        active = module.active_adapter
         out.append(
             LayerStatus(
                 name=name,
                 module_type=type(module).__name__,
                 enabled=not module.disable_adapters,
-                active_adapters=[active] if active is not None and active in available else [],
+                active_adapters=[a for a in module.active_adapters if a in available],
                 merged_adapters=list(getattr(module, "merged_adapters", [])),
                 requires_grad={
                     adapter: _agreement([t.requires_grad for t in ts])

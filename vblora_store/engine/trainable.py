@@ -36,6 +36,9 @@ class ModulesToSave(nn.Module):
         ['modules_to_save.default.bias', 'modules_to_save.default.weight']
     """
 
+    adapter_layer_names = ("modules_to_save",)  # PEFT's: the per-adapter copies, by adapter name
+    other_param_names = ()
+
     def __init__(self, original_module: nn.Module, *, name: str, route: Optional[BatchRoute] = None):
         super().__init__()
         object.__setattr__(self, "_route", BatchRoute() if route is None else route)
@@ -57,6 +60,11 @@ class ModulesToSave(nn.Module):
             del self.modules_to_save[adapter]
         if self.active_adapter == adapter:
             self.active_adapter = next(iter(self.modules_to_save), None)
+
+    @property
+    def active_adapters(self) -> list[str]:
+        """``[active_adapter]``, or ``[]`` (PEFT's plural form; one copy runs at a time)."""
+        return [] if self.active_adapter is None else [self.active_adapter]
 
     @property
     def active_module(self) -> nn.Module:
