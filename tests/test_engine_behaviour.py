@@ -154,7 +154,7 @@ def test_adapter_name_errors():
     _, model = twins(tiny_llama(), target_modules=["q_proj"])
     with pytest.raises(AdapterStateError, match="exists"):
         model.add_adapter("default", VBLoRAConfig(**BASE_KWARGS, target_modules=["q_proj"]))
-    with pytest.raises(AdapterStateError, match="no adapter named 'x'"):
+    with pytest.raises(AdapterStateError, match="Adapter x does not exist"):
         model.set_adapter("x")
 
 

@@ -227,7 +227,7 @@ def test_peft_s_value_errors(call):
 
 def test_an_unknown_name_in_a_list_is_refused_too():
     _, ours = mlp_twins()  # PEFT takes it silently; nothing runs it
-    with pytest.raises(ValueError, match="no adapter named 'nope'"):
+    with pytest.raises(ValueError, match="Adapter nope does not exist"):
         ours.base_model.set_adapter(["default", "nope"])
     assert ours.active_adapters == ["default"]
 

@@ -138,8 +138,8 @@ class VBLoRAConfig:
                 raise InvalidConfigError(f"{source}: {name} must be a finite number, got {value!r}.")
         if self.task_type is not None and self.task_type not in TASK_TYPES:
             raise InvalidConfigError(
-                f"{source}: task_type {self.task_type!r} is not one of PEFT's task types; use one of "
-                f"{', '.join(TASK_TYPES)}, or None."
+                f"{source}: Invalid task type: '{self.task_type}'. Must be one of the following task types: "
+                f"{', '.join(TASK_TYPES)}. (Or None.)"
             )
         if self.layers_pattern and self.layers_to_transform is None:
             raise InvalidConfigError(

@@ -196,7 +196,8 @@ class VBLoRALinear(nn.Module):
         """Remove ``adapter``; refused while it is merged."""
         if adapter in self.merged_adapters:
             raise AdapterStateError(
-                f"module {self.module_name!r}: adapter {adapter!r} is merged; call unmerge_adapter() first."
+                f"Cannot delete adapter(s) {[adapter]} while they are merged. Please unmerge them first. Call "
+                f"unmerge_adapter() (module {self.module_name!r}), then delete it."
             )
         for holder in (self.vblora_logits_A, self.vblora_logits_B, self.vblora_dropout):
             if adapter in holder:

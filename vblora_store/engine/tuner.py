@@ -172,8 +172,9 @@ class VBLoRATuner(nn.Module):
                 held = [name for name in names if name in module.modules_to_save]
                 if len(held) > 1:
                     raise AdapterStateError(
-                        f"module {module.module_name!r} (modules_to_save) has its own copy in each of {held}, "
-                        "and only one copy can run; activate at most one of them."
+                        "Only one adapter can be set at a time for ModulesToSaveWrapper: module "
+                        f"{module.module_name!r} (modules_to_save) has its own copy in each of {held}, and only one "
+                        "copy can run; activate at most one of them."
                     )
 
     def _activate(self, adapter: Union[str, list[str], None]) -> None:
@@ -194,7 +195,8 @@ class VBLoRATuner(nn.Module):
         for adapter in names:
             if adapter not in self.peft_config:
                 raise AdapterStateError(
-                    f"no adapter named {adapter!r}; this model has {sorted(self.peft_config)}."
+                    f"Adapter {adapter} does not exist: this model has {sorted(self.peft_config)}; use one of "
+                    "those names."
                 )
         return names
 
@@ -304,7 +306,8 @@ class VBLoRATuner(nn.Module):
         merged = [layer.module_name for layer in self.adapted_layers() if adapter_name in layer.merged_adapters]
         if merged:
             raise AdapterStateError(
-                f"adapter {adapter_name!r} is merged (module {merged[0]!r}); call unmerge_adapter() first."
+                f"Cannot delete adapter(s) {[adapter_name]} while they are merged. Please unmerge them first. "
+                f"Call unmerge_adapter() (module {merged[0]!r} holds it merged), then delete it."
             )
         self.forget(adapter_name)
 
