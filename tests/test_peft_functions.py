@@ -67,6 +67,13 @@ def test_set_peft_model_state_dict_names_what_has_no_place():
         set_peft_model_state_dict(ours, {key: torch.zeros(1, 1, 1)})
 
 
+def test_set_peft_model_state_dict_refuses_top_k_indices_without_their_weights():
+    _, ours = twins(tiny_llama(), target_modules=TARGETS, save_only_topk_weights=True)
+    state = {k: v for k, v in get_peft_model_state_dict(ours).items() if not k.endswith("_topk_weights")}
+    with pytest.raises(InvalidArgumentError, match="_topk_weights"):
+        set_peft_model_state_dict(ours, state)
+
+
 def test_set_peft_model_state_dict_refuses_an_adapter_held_in_topk_form(tmp_path):
     _, ours = twins(tiny_llama(), target_modules=TARGETS)
     ours.save_pretrained(tmp_path, save_only_topk_weights=True)

@@ -173,7 +173,13 @@ def set_peft_model_state_dict(
         if parts is not None and parts.part == "weights":
             continue  # read with its indices
         if parts is not None and parts.part == "indices":
-            weights = peft_model_state_dict[key.replace("_topk_indices", "_topk_weights")]
+            weights_key = key.replace("_topk_indices", "_topk_weights")
+            if weights_key not in peft_model_state_dict:
+                raise InvalidArgumentError(
+                    f"the state dict holds {key!r} but not {weights_key!r}; top-k indices need their weights "
+                    "(pass the state dict get_peft_model_state_dict gave, whole)."
+                )
+            weights = peft_model_state_dict[weights_key]
             key, value = logits_key(parts.module, parts.side), _logits_from_topk(value, weights, num_vectors)
         if key in places or key in own:  # PEFT's keys of other tensors (a bias the adapter trains) are the model's
             remapped[places.get(key, key)] = value
