@@ -365,6 +365,27 @@ def factor_bomb(folder: Path) -> Path:
     return folder
 
 
+def test_a_genuine_topk_one_adapter_is_not_taken_for_a_factor_bomb(tmp_path):
+    """k = 1 stores one uint8 index a slot and builds L float64 values from it: PEFT's top-k form of such an
+    adapter has factors 8·L times its file (8192x at L = 1024), and must read (the bound is 16384x)."""
+    n, length, r, k = 2, 1 << 10, 1 << 15, 1
+    config = json.loads((SINGLE_FIXTURE / "adapter_config.json").read_text())
+    config.update(num_vectors=n, vector_length=length, r=r, topk=k, save_only_topk_weights=True)
+    folder = tmp_path / "k1"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    prefix = "base_model.model.fc.vblora_logits_"
+    tensors = {"base_model.vblora_vector_bank": torch.rand(n, length)}
+    for side, shape in (("A", (r, 1)), ("B", (1, r))):
+        tensors[f"{prefix}{side}_topk_indices"] = torch.randint(0, n, (*shape, k), dtype=torch.uint8)
+        tensors[f"{prefix}{side}_topk_weights"] = torch.zeros((*shape, k - 1))
+    save_file(tensors, str(folder / WEIGHTS))
+    factors = 8 * r * 2 * length
+    assert factors > 4096 * folder.joinpath(WEIGHTS).stat().st_size + (16 << 20)  # refused by a 4096x bound
+    result = run_cli("inspect", folder)
+    assert result.exit_code == 0, result.stderr
+
+
 #: Runs each command (JSON argv lists) in turn under RLIMIT_AS = (virtual memory after the imports) +
 #: HEADROOM, and prints their exit codes and stderr as JSON.
 LIMITED = """

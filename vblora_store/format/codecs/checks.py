@@ -44,10 +44,13 @@ MAX_EXPANSION = 64
 EXPANSION_SLACK = 16 << 20
 #: Bytes of one dense factor value as the widest builder makes it (float64, ``verify``).
 FACTOR_BYTES = 8
-#: Largest ratio of the dense factors' float64 bytes to the file's.  A slot of a packed or compressed file
-#: takes 2 to 8 bytes and builds L float64 values: a Llama2-7B-shaped adapter (N=2048, L=256, r=4, k=2;
-#: 80 MB of factors) reaches about 200x packed with an int4 bank and fixed8 weights; 4096 leaves room.
-FACTOR_EXPANSION = 4096
+#: Largest ratio of the dense factors' float64 bytes to the file's.  A slot builds L float64 values from k
+#: indices and k - 1 weights: a Llama2-7B-shaped adapter (N=2048, L=256, r=4, k=2; 80 MB of factors) reaches
+#: about 200x packed with an int4 bank and fixed8 weights, but k = 1 stores one index a slot, so PEFT's own
+#: top-k form reaches 8·L (one uint8 index builds 8·L bytes: 8192x at L = 1024) and the packed form
+#: 64·L / ceil(log2 N).  16384 takes every top-k adapter up to L = 2048 and packed k = 1 ones with N = 64 up
+#: to L = 1536; a forged file of few slots and a huge L stays refused.
+FACTOR_EXPANSION = 16384
 #: The largest integer a metadata field may hold (what a shape or size could ever be).
 _LARGEST = (1 << 53) - 1
 
