@@ -137,6 +137,11 @@ def check_modules(adapter: StoredAdapter, *, name: str, served: "ServedModules")
         Traceback (most recent call last):
         ...
         vblora_store.errors.ServingRefusedError: VB-LoRA adapter 'a': model.layers.0.mlp.down_proj is ...
+        >>> renamed = ServedModules({"lm." + down: (256, 64)}, kinds, lambda m: "lm." + m)  # vLLM's names
+        >>> check_modules(a, name="a", served=renamed)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        vblora_store.errors.ServingRefusedError: VB-LoRA adapter 'a': model.layers.0.mlp.down_proj is ...
     """
     unwrapped = sorted({module.rsplit(".", 1)[-1] for module in adapter.modules} - served.kinds)
     if unwrapped:
@@ -147,7 +152,7 @@ def check_modules(adapter: StoredAdapter, *, name: str, served: "ServedModules")
             f"{_FIX_ELSEWHERE}.",
         )
     for module, shape in adapter.modules.items():
-        in_out = served.shapes.get(module)
+        in_out = served.shapes.get(served.rename(module))
         if in_out is not None and in_out != (shape.in_features, shape.out_features):
             raise refusal(
                 name,
@@ -157,11 +162,17 @@ def check_modules(adapter: StoredAdapter, *, name: str, served: "ServedModules")
             )
 
 
+def _same_name(module: str) -> str:
+    return module
+
+
 class ServedModules(NamedTuple):
-    """What an engine's worker puts LoRA layers on: full ``(in, out)`` by module name, and module kinds."""
+    """What an engine's worker puts LoRA layers on: full ``(in, out)`` by vLLM's module name, module kinds,
+    and the model's renaming of an adapter's (Hugging Face) module name into vLLM's."""
 
     shapes: dict[str, tuple[int, int]]
     kinds: set[str]
+    rename: Callable[[str], str] = _same_name
 
 
 def _served_modules(manager: Any) -> ServedModules:
@@ -186,7 +197,14 @@ def _served_modules(manager: Any) -> ServedModules:
         sizes = getattr(base, "output_sizes", None) if len(parts) > 1 else [out_size]
         if isinstance(sizes, (list, tuple)) and len(sizes) == len(parts):
             shapes.update({part: (in_size, size) for part, size in zip(parts, sizes)})
-    manager._vblora_served = served = ServedModules(shapes, kinds)
+    # Models whose vLLM names differ from Hugging Face's (Qwen2-VL's language_model.*) rename the adapter's
+    # modules when vLLM loads it; look the adapter's shapes up under the same names.
+    mapper = getattr(getattr(manager, "model", None), "hf_to_vllm_mapper", None)
+    rename = _same_name
+    if mapper is not None and hasattr(mapper, "get_rename_mapper"):
+        renamer = mapper.get_rename_mapper()
+        rename = lambda module: renamer._map_name(module) or module  # noqa: E731
+    manager._vblora_served = served = ServedModules(shapes, kinds, rename)
     return served
 
 
